@@ -1,0 +1,198 @@
+"""Configuration of MicroVLM: a vision tower, a vision→language adapter, a causal language model,
+a CLIP-style alignment head and (optionally) a Larimar episodic memory.
+
+Every size lives here (or in a preset JSON under `presets/`), never in the modelling code: the tiny test
+model and the reference "microvlm-v" model are the same code with another config.
+"""
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, PretrainedConfig
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+AUTO_MAP = {
+    "AutoConfig": "configuration_microvlm.MicroVLMConfig",
+    "AutoModel": "modeling_microvlm.MicroVLMForCausalLM",
+    "AutoModelForCausalLM": "modeling_microvlm.MicroVLMForCausalLM",
+    "AutoModelForImageTextToText": "modeling_microvlm.MicroVLMForCausalLM",
+}
+
+
+def _as_sub_config(value: "dict | PretrainedConfig | None", default_model_type: str, field: str) -> PretrainedConfig:
+    """Turn a dict (with or without `model_type`) or a config object into a config object, like LLaVA does."""
+    if isinstance(value, PretrainedConfig):
+        return value
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise TypeError(f"MicroVLMConfig.{field} must be a dict or a PretrainedConfig, got {type(value).__name__}")
+    value = dict(value)
+    model_type = value.pop("model_type", default_model_type)
+    return AutoConfig.for_model(model_type, **value)
+
+
+class MicroVLMConfig(PretrainedConfig):
+    r"""
+    Configuration for [`MicroVLMForCausalLM`].
+
+    Args:
+        vision_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the vision tower, any `AutoConfig` model type (default: DeiT). The tower must return
+            `last_hidden_state` of shape (batch, tokens, vision_dim) whose last `num_patches` tokens are patches.
+        text_config (`dict` or `PretrainedConfig`, *optional*):
+            Config of the causal language model, any `AutoConfig` model type with an `AutoModelForCausalLM` class
+            (default: Qwen2).
+        image_token_id (`int`):
+            Id of the image placeholder token; the processor expands one placeholder to `num_image_tokens` copies
+            and the model overwrites them with the adapter's prefix tokens.
+        vision_num_patches (`int`, *optional*):
+            Number of patch tokens of the vision tower. Derived from `image_size` and `patch_size` when `None`.
+        vision_cls_token (`bool`):
+            Whether token 0 of the vision output is a CLS token (ViT/DeiT). Without one (convolutional towers)
+            the alignment head uses the mean of the patch tokens.
+        vision_tower_kwargs (`dict`, *optional*):
+            Extra constructor arguments of the vision tower's `AutoModel` class, e.g. `{"add_pooling_layer": false}`
+            for ViT/DeiT, whose pooler MicroVLM never uses.
+        patches_per_prefix_token, min_prefix_tokens, max_prefix_tokens (`int`):
+            The adapter pools the patches into `clamp(ceil(num_patches / patches_per_prefix_token), min, max)`
+            learned queries (25 for DeiT-Tiny's 196 patches).
+        adapter_mlp_ratio (`int`): hidden width of the adapter MLP as a multiple of the LM hidden size.
+        adapter_num_heads (`int`): heads of the adapter's cross-attention pooling.
+        alignment_temperature (`float`), alignment_learnable_temperature (`bool`):
+            Temperature τ of the bidirectional InfoNCE between projected CLS and mean-pooled text embeddings.
+        lm_loss_weight, alignment_loss_weight, memory_kl_weight, addressing_kl_weight (`float`):
+            Weights of the loss terms: LM + α·InfoNCE + β·memory KL + γ·addressing KL.
+        use_memory (`bool`), memory_num_slots (`int`), memory_episode_size (`int`), memory_* :
+            Larimar episodic memory settings (see `larimar_memory.py`).
+        scope_hidden_size (`int`), scope_threshold (`float`): ScopeNet gate width and inference threshold.
+    """
+
+    model_type = "microvlm"
+    sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        vision_config: "dict | PretrainedConfig | None" = None,
+        text_config: "dict | PretrainedConfig | None" = None,
+        image_token_id: int = 151655,
+        vision_num_patches: int | None = None,
+        vision_cls_token: bool = True,
+        vision_tower_kwargs: dict | None = None,
+        patches_per_prefix_token: int = 8,
+        min_prefix_tokens: int = 8,
+        max_prefix_tokens: int = 64,
+        adapter_mlp_ratio: int = 2,
+        adapter_num_heads: int = 8,
+        alignment_temperature: float = 0.07,
+        alignment_learnable_temperature: bool = False,
+        lm_loss_weight: float = 1.0,
+        alignment_loss_weight: float = 1.0,
+        memory_kl_weight: float = 0.02,
+        addressing_kl_weight: float = 0.005,
+        use_memory: bool = False,
+        memory_num_slots: int = 512,
+        memory_episode_size: int = 2,
+        memory_observation_noise_std: float = 0.1,
+        memory_pinv_method: str = "cholesky",
+        memory_pinv_steps: int = 15,
+        memory_use_lstm: bool = False,
+        memory_tokens_per_read: int = 1,
+        scope_hidden_size: int = 256,
+        scope_threshold: float = 0.5,
+        **kwargs: Any,
+    ):
+        self.vision_config = _as_sub_config(vision_config, "deit", "vision_config")
+        self.text_config = _as_sub_config(text_config, "qwen2", "text_config")
+        self.image_token_id = image_token_id
+        self.vision_num_patches = vision_num_patches
+        self.vision_cls_token = vision_cls_token
+        self.vision_tower_kwargs = dict(vision_tower_kwargs or {})
+        self.patches_per_prefix_token = patches_per_prefix_token
+        self.min_prefix_tokens = min_prefix_tokens
+        self.max_prefix_tokens = max_prefix_tokens
+        self.adapter_mlp_ratio = adapter_mlp_ratio
+        self.adapter_num_heads = adapter_num_heads
+        self.alignment_temperature = alignment_temperature
+        self.alignment_learnable_temperature = alignment_learnable_temperature
+        self.lm_loss_weight = lm_loss_weight
+        self.alignment_loss_weight = alignment_loss_weight
+        self.memory_kl_weight = memory_kl_weight
+        self.addressing_kl_weight = addressing_kl_weight
+        self.use_memory = use_memory
+        self.memory_num_slots = memory_num_slots
+        self.memory_episode_size = memory_episode_size
+        self.memory_observation_noise_std = memory_observation_noise_std
+        self.memory_pinv_method = memory_pinv_method
+        self.memory_pinv_steps = memory_pinv_steps
+        self.memory_use_lstm = memory_use_lstm
+        self.memory_tokens_per_read = memory_tokens_per_read
+        self.scope_hidden_size = scope_hidden_size
+        self.scope_threshold = scope_threshold
+        # Tying is the language model's own business (Qwen2.5-0.5B ties, others may not): mirror its setting so
+        # that transformers' loading logic sees the same answer at both levels.
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
+        # Every Auto class a user may reach for resolves to the remote-code modules saved beside config.json.
+        kwargs.setdefault("auto_map", dict(AUTO_MAP))
+        super().__init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.num_patches <= 0:
+            raise ValueError(f"MicroVLMConfig: the vision tower must have patches, got num_patches={self.num_patches}")
+        if not 0 < self.min_prefix_tokens <= self.max_prefix_tokens:
+            raise ValueError(
+                "MicroVLMConfig: expected 0 < min_prefix_tokens <= max_prefix_tokens, got "
+                f"{self.min_prefix_tokens} and {self.max_prefix_tokens}"
+            )
+        if self.text_config.hidden_size % self.adapter_num_heads:
+            raise ValueError(
+                f"MicroVLMConfig.adapter_num_heads={self.adapter_num_heads} must divide the text hidden size "
+                f"{self.text_config.hidden_size}"
+            )
+        if self.alignment_temperature <= 0:
+            raise ValueError(f"MicroVLMConfig.alignment_temperature must be > 0, got {self.alignment_temperature}")
+
+    @property
+    def vision_hidden_size(self) -> int:
+        """Width of the vision tower's tokens (`hidden_sizes[-1]` for convolutional towers)."""
+        sizes = getattr(self.vision_config, "hidden_sizes", None)
+        return sizes[-1] if sizes else self.vision_config.hidden_size
+
+    @property
+    def num_patches(self) -> int:
+        """Number of patch tokens the vision tower returns (196 for DeiT-Tiny at 224 px)."""
+        if self.vision_num_patches is not None:
+            return self.vision_num_patches
+        image_size, patch_size = self.vision_config.image_size, self.vision_config.patch_size
+        return (image_size // patch_size) ** 2
+
+    @property
+    def num_image_tokens(self) -> int:
+        """k_prefix = clamp(ceil(num_patches / patches_per_prefix_token), min_prefix_tokens, max_prefix_tokens)."""
+        k = math.ceil(self.num_patches / self.patches_per_prefix_token)
+        return min(max(k, self.min_prefix_tokens), self.max_prefix_tokens)
+
+    @classmethod
+    def preset_names(cls) -> list[str]:
+        """Names accepted by [`from_preset`]."""
+        return sorted(path.stem for path in PRESETS_DIR.glob("*.json"))
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MicroVLMConfig":
+        """Build a config from a preset shipped in `microvlm/presets/<name>.json`, e.g. "tiny" or "microvlm-v".
+
+        Keyword `overrides` replace top-level fields (e.g. `use_memory=True`).
+        """
+        path = PRESETS_DIR / f"{name}.json"
+        if not path.is_file():
+            raise ValueError(
+                f"Unknown MicroVLM preset {name!r}: expected one of {cls.preset_names()} (files in {PRESETS_DIR}). "
+                "Presets ship with the `microvlm` package; load a saved model folder with from_pretrained instead."
+            )
+        values = json.loads(path.read_text())
+        values.pop("_comment", None)
+        values.update(overrides)
+        return cls(**values)

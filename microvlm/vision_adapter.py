@@ -1,0 +1,36 @@
+"""Vision→language adapter: projects vision patch tokens to the LM width and pools them into k prefix tokens."""
+
+import torch
+from torch import nn
+
+from .configuration_microvlm import MicroVLMConfig
+
+
+class MicroVLMVisionAdapter(nn.Module):
+    """Linear(vision→hidden) → MLP(hidden→ratio·hidden→hidden, GELU) → cross-attention pooling with k learned
+    queries → learned positions → LayerNorm.
+
+    Input patches (batch, num_patches, vision_dim); output prefix tokens (batch, k, hidden) with
+    k = `config.num_image_tokens` (25 for DeiT-Tiny + Qwen2.5-0.5B).
+    """
+
+    def __init__(self, config: MicroVLMConfig):
+        super().__init__()
+        hidden = config.text_config.hidden_size
+        self.input_proj = nn.Linear(config.vision_hidden_size, hidden)
+        self.mlp = nn.Sequential(
+            nn.Linear(hidden, config.adapter_mlp_ratio * hidden),
+            nn.GELU(),
+            nn.Linear(config.adapter_mlp_ratio * hidden, hidden),
+        )
+        self.queries = nn.Parameter(torch.empty(config.num_image_tokens, hidden))
+        self.pool = nn.MultiheadAttention(hidden, config.adapter_num_heads, batch_first=True)
+        self.position_embeddings = nn.Parameter(torch.empty(config.num_image_tokens, hidden))
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, patches: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """patches (B, P, Dv) → (prefix (B, k, D), pooling attention (B, k, P) averaged over heads, or None)."""
+        keys = self.mlp(self.input_proj(patches))
+        queries = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1)
+        pooled, attention = self.pool(queries, keys, keys, need_weights=return_attention)
+        return self.norm(pooled + self.position_embeddings), attention

@@ -1,0 +1,36 @@
+"""Shared fixtures: the "tiny" preset built in-process (no download), and inputs shaped like the processor's."""
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from microvlm import MicroVLMConfig, MicroVLMForCausalLM  # noqa: E402
+
+
+@pytest.fixture
+def tiny_config() -> MicroVLMConfig:
+    return MicroVLMConfig.from_preset("tiny")
+
+
+@pytest.fixture
+def tiny_model(tiny_config: MicroVLMConfig) -> MicroVLMForCausalLM:
+    torch.manual_seed(0)
+    return MicroVLMForCausalLM(tiny_config).eval()
+
+
+def make_inputs(config: MicroVLMConfig, text_lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """A left-padded batch: row i = k image placeholders + `text_lengths[i]` random text tokens, one image each."""
+    generator = torch.Generator().manual_seed(seed)
+    k, total = config.num_image_tokens, config.num_image_tokens + max(text_lengths)
+    input_ids = torch.zeros(len(text_lengths), total, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(text_lengths):
+        text = torch.randint(10, config.text_config.vocab_size, (length,), generator=generator)
+        input_ids[row, total - k - length :] = torch.cat([torch.full((k,), config.image_token_id), text])
+        attention_mask[row, total - k - length :] = 1
+    size = config.vision_config.image_size
+    pixel_values = torch.randn(len(text_lengths), 3, size, size, generator=generator)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "pixel_values": pixel_values}
