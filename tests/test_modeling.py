@@ -1,0 +1,117 @@
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import DeiTConfig, DeiTForImageClassification, DeiTModel, Qwen2Config, Qwen2ForCausalLM
+
+from microvlm import MicroVLMConfig, MicroVLMForCausalLM
+from microvlm.alignment import info_nce
+
+from .conftest import make_inputs
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@pytest.mark.slow
+def test_reference_preset_parameter_counts_match_deit_tiny_and_qwen2_5_0_5b():
+    config = MicroVLMConfig.from_preset("microvlm-v")
+    with torch.device("meta"):
+        model = MicroVLMForCausalLM(config)
+        deit_classifier = DeiTForImageClassification(DeiTConfig(**{**config.vision_config.to_dict(), "num_labels": 1000}))
+    # DeiT-Tiny's published 5.7M includes its 1000-class head, which MicroVLM does not use.
+    assert round(count(deit_classifier) / 1e6, 1) == 5.7
+    assert count(model.vision_tower) == count(deit_classifier) - count(deit_classifier.classifier)
+    assert round(count(model.language_model) / 1e6, 1) == 494.0  # Qwen2.5-0.5B, tied embeddings counted once
+    adapter = {name: count(child) for name, child in model.adapter.named_children()}
+    adapter["queries+positions"] = model.adapter.queries.numel() + model.adapter.position_embeddings.numel()
+    hidden = 896
+    assert adapter["input_proj"] == 192 * hidden + hidden
+    assert adapter["mlp"] == (hidden * 2 * hidden + 2 * hidden) + (2 * hidden * hidden + hidden)
+    assert adapter["pool"] == 4 * hidden * hidden + 4 * hidden
+    assert adapter["queries+positions"] == 2 * 25 * hidden
+    # The seeds' 3.43M is the adapter without the pooling attention's own projections.
+    assert round((count(model.adapter) - adapter["pool"]) / 1e6, 2) == 3.43
+
+
+def test_forward_shapes_and_loss_components(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config, [5, 3])
+    out = tiny_model(**inputs, labels=inputs["input_ids"])
+    assert out.logits.shape == (*inputs["input_ids"].shape, tiny_config.text_config.vocab_size)
+    assert out.image_prefix.shape == (2, tiny_config.num_image_tokens, tiny_config.text_config.hidden_size)
+    expected = tiny_config.lm_loss_weight * out.lm_loss + tiny_config.alignment_loss_weight * out.alignment_loss
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_lm_loss_covers_text_tokens_only(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config, [6, 2])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    out = tiny_model(**inputs, labels=ids.clone())
+    # Independent reference: next-token CE averaged over targets that are real, non-placeholder tokens.
+    logits, targets = out.logits[:, :-1], ids[:, 1:]
+    keep = (targets != tiny_config.image_token_id) & (mask[:, 1:] == 1)
+    per_token = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="none")
+    torch.testing.assert_close(out.lm_loss, per_token[keep.reshape(-1)].mean())
+    assert keep.sum() == 6 + 2  # every text token is a target, the first one predicted from the prefix
+
+
+def test_info_nce_matches_an_independent_loop():
+    torch.manual_seed(1)
+    images, texts = torch.randn(5, 16), torch.randn(5, 16)
+    tau = 0.07
+    loss, logits = info_nce(images, texts, torch.tensor(1 / tau))
+    reference = 0.0
+    for i in range(5):
+        sims_i2t = [F.cosine_similarity(images[i], texts[j], dim=0) / tau for j in range(5)]
+        sims_t2i = [F.cosine_similarity(texts[i], images[j], dim=0) / tau for j in range(5)]
+        reference += -sims_i2t[i] + torch.logsumexp(torch.stack(sims_i2t), 0)
+        reference += -sims_t2i[i] + torch.logsumexp(torch.stack(sims_t2i), 0)
+    torch.testing.assert_close(loss, reference / 10, rtol=1e-5, atol=1e-5)
+    assert logits.shape == (5, 5)
+
+
+def test_alignment_loss_uses_projected_cls_and_mean_of_real_text_tokens(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config, [4, 7, 2])
+    out = tiny_model(**inputs, labels=inputs["input_ids"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    cls = tiny_model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
+    embeds = tiny_model.get_input_embeddings()(ids)
+    texts = torch.stack([embeds[r][(mask[r] == 1) & (ids[r] != tiny_config.image_token_id)].mean(0) for r in range(3)])
+    expected, _ = info_nce(tiny_model.alignment.proj(cls), texts, torch.tensor(1 / tiny_config.alignment_temperature))
+    torch.testing.assert_close(out.alignment_loss, expected)
+
+
+def test_gradients_reach_adapter_and_alignment_but_not_frozen_towers(tiny_model, tiny_config):
+    tiny_model.train()
+    tiny_model.vision_tower.requires_grad_(False)
+    tiny_model.language_model.requires_grad_(False)
+    inputs = make_inputs(tiny_config, [5, 5])
+    tiny_model(**inputs, labels=inputs["input_ids"]).loss.backward()
+    for name, param in tiny_model.named_parameters():
+        trained = name.startswith(("adapter.", "alignment.proj."))
+        assert (param.grad is not None and param.grad.abs().sum() > 0) == trained, name
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config, [5])
+    inputs["input_ids"][0, -1] = tiny_config.image_token_id
+    with pytest.raises(ValueError, match="placeholder"):
+        tiny_model(**inputs)
+
+
+def test_pretrained_backbones_load_from_local_folders(tmp_path, tiny_config):
+    torch.manual_seed(3)
+    vision = DeiTModel(tiny_config.vision_config, add_pooling_layer=False)
+    language = Qwen2ForCausalLM(Qwen2Config(**tiny_config.text_config.to_dict()))
+    vision.save_pretrained(tmp_path / "vision")
+    language.save_pretrained(tmp_path / "language")
+    model = MicroVLMForCausalLM.from_pretrained_backbones(
+        tmp_path / "vision", tmp_path / "language", image_token_id=3, vision_tower_kwargs={"add_pooling_layer": False}
+    )
+    for name, tensor in vision.state_dict().items():
+        torch.testing.assert_close(model.vision_tower.state_dict()[name], tensor)
+    for name, tensor in language.state_dict().items():
+        torch.testing.assert_close(model.language_model.state_dict()[name], tensor)
+    assert model.config.num_image_tokens == tiny_config.num_image_tokens
+    assert model.language_model.lm_head.weight is model.get_input_embeddings().weight

@@ -1,0 +1,82 @@
+"""Save → load round trips, in-process and through remote code in a fresh process that cannot import microvlm."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from microvlm import MicroVLMForCausalLM
+
+from .conftest import make_inputs
+
+pytestmark = pytest.mark.min_version
+
+# Runs in a fresh interpreter, from another working directory, offline, with `microvlm` made unimportable.
+LOADER = textwrap.dedent(
+    """
+    import sys, torch
+    sys.modules["microvlm"] = None  # any attempt to import the package now fails
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
+    folder, inputs_file, result_file = sys.argv[1:4]
+    inputs = torch.load(inputs_file)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+    result = {"config_class": type(config).__name__}
+    for auto in (AutoModelForCausalLM, AutoModel, AutoModelForImageTextToText):
+        model = auto.from_pretrained(folder, trust_remote_code=True).eval()
+        with torch.no_grad():
+            result[auto.__name__] = model(**inputs).logits
+    result["generated"] = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    result["module"] = type(model).__module__
+    torch.save(result, result_file)
+    """
+)
+
+
+def run_isolated(script: str, *args: str, cwd) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(cwd / "hf_home"))
+    done = subprocess.run([sys.executable, "-c", script, *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_save_writes_safetensors_auto_map_and_the_remote_code_modules(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    for auto in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"):
+        assert auto in config["auto_map"]
+    modules = {"configuration_microvlm.py", "modeling_microvlm.py", "vision_adapter.py", "alignment.py"}
+    assert modules <= {p.name for p in tmp_path.iterdir()}
+    with safe_open(tmp_path / "model.safetensors", "pt") as weights:
+        names = set(weights.keys())
+    # The tied LM head is stored once, as the embedding matrix.
+    assert "language_model.model.embed_tokens.weight" in names and "language_model.lm_head.weight" not in names
+
+
+@torch.no_grad()
+def test_in_process_round_trip_keeps_logits_and_ties(tiny_model, tiny_config, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    loaded = MicroVLMForCausalLM.from_pretrained(tmp_path).eval()
+    inputs = make_inputs(tiny_config, [5, 2])
+    assert torch.equal(loaded(**inputs).logits, tiny_model(**inputs).logits)
+    assert loaded.language_model.lm_head.weight is loaded.get_input_embeddings().weight
+
+
+@torch.no_grad()
+def test_remote_code_round_trip_in_a_fresh_offline_process(tiny_model, tiny_config, tmp_path):
+    folder, elsewhere = tmp_path / "saved", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    tiny_model.save_pretrained(folder)
+    inputs = make_inputs(tiny_config, [5, 2])
+    torch.save(inputs, tmp_path / "inputs.pt")
+    run_isolated(LOADER, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "result.pt"), cwd=elsewhere)
+    result = torch.load(tmp_path / "result.pt")
+    assert result["config_class"] == "MicroVLMConfig" and "transformers_modules" in result["module"]
+    expected = tiny_model(**inputs).logits
+    for auto in ("AutoModelForCausalLM", "AutoModel", "AutoModelForImageTextToText"):
+        assert torch.equal(result[auto], expected), auto
+    assert torch.equal(result["generated"], tiny_model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False))
