@@ -68,6 +68,7 @@ class MicroVLMConfig(PretrainedConfig):
         use_memory (`bool`), memory_num_slots (`int`), memory_episode_size (`int`), memory_* :
             Larimar episodic memory settings (see `larimar_memory.py`).
         scope_hidden_size (`int`), scope_threshold (`float`): ScopeNet gate width and inference threshold.
+        scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_labels`, when a batch carries them.
     """
 
     model_type = "microvlm"
@@ -102,6 +103,7 @@ class MicroVLMConfig(PretrainedConfig):
         memory_tokens_per_read: int = 1,
         scope_hidden_size: int = 256,
         scope_threshold: float = 0.5,
+        scope_loss_weight: float = 0.1,
         **kwargs: Any,
     ):
         self.vision_config = _as_sub_config(vision_config, "deit", "vision_config")
@@ -131,6 +133,7 @@ class MicroVLMConfig(PretrainedConfig):
         self.memory_tokens_per_read = memory_tokens_per_read
         self.scope_hidden_size = scope_hidden_size
         self.scope_threshold = scope_threshold
+        self.scope_loss_weight = scope_loss_weight
         # Tying is the language model's own business (Qwen2.5-0.5B ties, others may not): mirror its setting so
         # that transformers' loading logic sees the same answer at both levels.
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))

@@ -5,9 +5,11 @@ tokens; `forward` overwrites their embeddings with the adapter's `k` prefix toke
 language model on the fused embeddings. Every size comes from [`MicroVLMConfig`].
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
@@ -18,7 +20,12 @@ from transformers.utils import logging
 
 from .alignment import MicroVLMAlignmentHead, masked_mean
 from .configuration_microvlm import MicroVLMConfig
+from .larimar_memory import LarimarMemory, MemoryState
+from .memory_cache import MemoryCache
+from .memory_injection import MemoryKVProjection, ScopeNet
 from .vision_adapter import MicroVLMVisionAdapter
+
+MEMORY_STATE_FILE = "memory_state.safetensors"
 
 logger = logging.get_logger(__name__)
 
@@ -37,6 +44,9 @@ class MicroVLMCausalLMOutput(ModelOutput):
         alignment_logits: (batch, batch) image→text similarity logits scaled by 1/τ.
         image_prefix: (batch, k, hidden) the adapter's prefix tokens.
         image_attention: (batch, k, num_patches) the adapter's pooling attention, when `output_attentions`.
+        memory_kl, addressing_kl: Larimar's KL terms (see `LarimarMemory.read`), when the memory was read.
+        scope_gate: (batch,) ScopeNet's gate in [0, 1]; at inference rows below `scope_threshold` got no memory.
+        scope_loss: BCE of `scope_gate` against the `scope_labels` given to `forward`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -49,6 +59,22 @@ class MicroVLMCausalLMOutput(ModelOutput):
     alignment_logits: torch.FloatTensor | None = None
     image_prefix: torch.FloatTensor | None = None
     image_attention: torch.FloatTensor | None = None
+    memory_kl: torch.FloatTensor | None = None
+    addressing_kl: torch.FloatTensor | None = None
+    scope_gate: torch.FloatTensor | None = None
+    scope_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class MemoryRead(ModelOutput):
+    """One memory read for a batch: per-layer `key_values` ((B, kv_heads, n_mem, head_dim) pairs), the memory
+    columns' attention `mask` (B, n_mem), ScopeNet's `gate` (B,), and the KL terms."""
+
+    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
+    mask: torch.Tensor | None = None
+    gate: torch.Tensor | None = None
+    memory_kl: torch.Tensor | None = None
+    addressing_kl: torch.Tensor | None = None
 
 
 @dataclass
@@ -82,6 +108,9 @@ class MicroVLMPreTrainedModel(PreTrainedModel):
     _supports_attention_backend = True
     _skip_keys_device_placement = ["past_key_values"]
     _no_split_modules = ["MicroVLMVisionAdapter"]
+    # Every loss term is a per-batch mean, so the Trainer must scale it for gradient accumulation itself rather
+    # than hand us `num_items_in_batch` (which would only fit the LM term).
+    accepts_loss_kwargs = False
 
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
@@ -91,6 +120,10 @@ class MicroVLMPreTrainedModel(PreTrainedModel):
             init.normal_(module.position_embeddings, mean=0.0, std=std)
         elif isinstance(module, MicroVLMAlignmentHead):
             init.constant_(module.log_logit_scale, module.initial_log_logit_scale)
+        elif isinstance(module, LarimarMemory):
+            init.normal_(module.prior_mean, mean=0.0, std=1.0)  # unit scale, like the layer-normed codes
+            init.zeros_(module.prior_log_variance)
+            init.constant_(module.addressing_log_variance, -4.0)
 
 
 class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
@@ -108,6 +141,28 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         self.adapter = MicroVLMVisionAdapter(config)
         self.alignment = MicroVLMAlignmentHead(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        text = config.text_config
+        hidden = text.hidden_size
+        num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
+        self.memory = LarimarMemory(
+            num_slots=config.memory_num_slots,
+            code_dim=hidden,
+            observation_noise_std=config.memory_observation_noise_std,
+            pinv_method=config.memory_pinv_method,
+            pinv_steps=config.memory_pinv_steps,
+            use_lstm=config.memory_use_lstm,
+        )
+        self.memory_projection = MemoryKVProjection(
+            code_dim=hidden,
+            num_layers=text.num_hidden_layers,
+            num_key_value_heads=num_kv_heads,
+            head_dim=head_dim,
+            tokens_per_read=config.memory_tokens_per_read,
+        )
+        self.scope_net = ScopeNet(hidden, config.scope_hidden_size)
+        # The episodic memory written by `write_memory`; None means "nothing written" (reads use the batch itself).
+        self.episodic_state: MemoryState | None = None
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -157,6 +212,13 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        use_memory: bool | None = None,
+        memory_state: MemoryState | None = None,
+        episode_input_ids: torch.LongTensor | None = None,
+        episode_attention_mask: torch.Tensor | None = None,
+        episode_pixel_values: torch.FloatTensor | None = None,
+        episode_mask: torch.Tensor | None = None,
+        scope_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> MicroVLMCausalLMOutput:
         r"""
@@ -167,11 +229,18 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             position_ids: (B, T); derived from `attention_mask` over real tokens when omitted.
             labels: (B, T) next-token targets aligned with `input_ids` (shifted inside); -100 is ignored, and so are
                 image placeholders and padding whatever their label.
-            kwargs: passed to the language model (e.g. `num_items_in_batch` from the Trainer is used for the loss).
+            use_memory: read the episodic memory into the LM's attention (default `config.use_memory`). The memory
+                is read on the first call of a sequence (empty or no cache) and travels in the returned cache.
+            memory_state: read this state (batch B or 1) instead of the one written by `write_memory`; with neither
+                (and no episode), each row's own code is written alone first (Larimar's auto-encoding read).
+            episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask: (B, E, ...) one episode
+                per row, written into a fresh memory that the row then reads (see `write_episodes`); this is how
+                the episodic-recall task trains and is evaluated. Implies `use_memory=True`.
+            scope_labels: (B,) 1 where a row needs the memory, 0 where it does not; trains ScopeNet.
+            kwargs: passed to the language model.
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("MicroVLM.forward: give exactly one of input_ids or inputs_embeds")
-        num_items_in_batch = kwargs.pop("num_items_in_batch", None)
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         text_embeds = inputs_embeds
@@ -186,8 +255,26 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
                 placeholders.unsqueeze(-1), image.prefix.to(inputs_embeds.dtype)
             )
 
-        if position_ids is None and attention_mask is not None and attention_mask.dim() == 2:
-            position_ids = text_position_ids(attention_mask, inputs_embeds.shape[1])
+        use_memory = self.config.use_memory if use_memory is None else use_memory
+        memory = None
+        first_call = past_key_values is None or past_key_values.get_seq_length() == 0
+        if first_call and episode_input_ids is not None:
+            use_memory = True
+            memory_state = self.write_episodes(
+                episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask
+            )
+        if use_memory and first_call:
+            memory = self.read_memory(inputs_embeds, attention_mask, memory_state)
+            # A fresh cache per sequence: caches are mutated in place, so one must never be reused.
+            past_key_values = MemoryCache(self.config.text_config, memory.key_values, memory.mask)
+
+        seq_len = inputs_embeds.shape[1]
+        text_mask = attention_mask
+        if isinstance(past_key_values, MemoryCache):
+            attention_mask = past_key_values.full_attention_mask(attention_mask, seq_len)
+            text_mask = attention_mask[:, past_key_values.num_memory_tokens :]
+        if position_ids is None and text_mask is not None and text_mask.dim() == 2:
+            position_ids = text_position_ids(text_mask, seq_len)
 
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
@@ -203,10 +290,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
 
         loss = lm_loss = alignment_loss = alignment_logits = None
         if labels is not None:
-            labels = self._text_only_labels(labels, input_ids, attention_mask)
-            lm_loss = ForCausalLMLoss(
-                outputs.logits, labels, self.config.text_config.vocab_size, num_items_in_batch=num_items_in_batch
-            )
+            labels = self._text_only_labels(labels, input_ids, text_mask)
+            lm_loss = ForCausalLMLoss(outputs.logits, labels, self.config.text_config.vocab_size)
             loss = self.config.lm_loss_weight * lm_loss
             if image is not None and self.config.alignment_loss_weight:
                 if pixel_values.shape[0] != input_ids.shape[0]:
@@ -214,11 +299,19 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
                         f"MicroVLM alignment pairs one image with one text: got {pixel_values.shape[0]} images for "
                         f"{input_ids.shape[0]} texts. Set alignment_loss_weight=0 to train multi-image inputs."
                     )
-                text_mask = input_ids != self.config.image_token_id
-                if attention_mask is not None:
-                    text_mask = text_mask & attention_mask[:, -input_ids.shape[1] :].bool()
-                alignment_loss, alignment_logits = self.alignment(image.cls, text_embeds, text_mask)
+                words = input_ids != self.config.image_token_id
+                if text_mask is not None:
+                    words = words & text_mask[:, -input_ids.shape[1] :].bool()
+                alignment_loss, alignment_logits = self.alignment(image.cls, text_embeds, words)
                 loss = loss + self.config.alignment_loss_weight * alignment_loss
+            if memory is not None:
+                loss = loss + self.config.memory_kl_weight * memory.memory_kl
+                loss = loss + self.config.addressing_kl_weight * memory.addressing_kl
+
+        scope_loss = None
+        if memory is not None and scope_labels is not None:
+            scope_loss = nn.functional.binary_cross_entropy(memory.gate.float(), scope_labels.float())
+            loss = scope_loss * self.config.scope_loss_weight + (loss if loss is not None else 0.0)
 
         return MicroVLMCausalLMOutput(
             loss=loss,
@@ -231,6 +324,10 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             alignment_logits=alignment_logits,
             image_prefix=image.prefix if image is not None else None,
             image_attention=image.attention if image is not None else None,
+            memory_kl=memory.memory_kl if memory is not None else None,
+            addressing_kl=memory.addressing_kl if memory is not None else None,
+            scope_gate=memory.gate if memory is not None else None,
+            scope_loss=scope_loss,
         )
 
     def _text_only_labels(
@@ -254,6 +351,128 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         texts = masked_mean(self.get_input_embeddings()(input_ids), text_mask)
         images = self.alignment.proj(image_cls)
         return nn.functional.normalize(images.float(), dim=-1), nn.functional.normalize(texts.float(), dim=-1)
+
+    # ------------------------------------------------------------------ episodic memory
+
+    def memory_codes(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Pooled context (B, C): the mean of the fused prefix+text embeddings (B, T, C) over real tokens."""
+        if attention_mask is None:
+            return inputs_embeds.mean(1)
+        return masked_mean(inputs_embeds, attention_mask[:, -inputs_embeds.shape[1] :].bool())
+
+    def fused_embeddings(
+        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor | None = None
+    ) -> torch.Tensor:
+        """Token embeddings (B, T, C) with the image placeholders replaced by the adapter's prefix tokens."""
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        prefix = self.get_image_features(pixel_values).prefix
+        mask = self.image_placeholder_mask(input_ids, pixel_values.shape[0]).unsqueeze(-1)
+        return embeds.masked_scatter(mask, prefix.to(embeds.dtype))
+
+    def write_episodes(
+        self,
+        episode_input_ids: torch.LongTensor,
+        episode_attention_mask: torch.Tensor,
+        episode_pixel_values: torch.FloatTensor | None = None,
+        episode_mask: torch.Tensor | None = None,
+    ) -> MemoryState:
+        """Write one episode per row into a fresh memory (from the learned prior); differentiable.
+
+        episode_input_ids, episode_attention_mask: (B, E, T) — step e of row b is one image+text (or text) input.
+        episode_pixel_values: (B, E, 3, H, W), one image per step, or None for text-only episodes.
+        episode_mask: (B, E) 1 for real steps, 0 for padding steps (written with weight 0, i.e. not at all).
+        Returns the posterior state, batch B.
+        """
+        batch, steps = episode_input_ids.shape[:2]
+        pixels = episode_pixel_values.flatten(0, 1) if episode_pixel_values is not None else None
+        flat_mask = episode_attention_mask.flatten(0, 1)
+        codes = self.memory_codes(self.fused_embeddings(episode_input_ids.flatten(0, 1), pixels), flat_mask)
+        codes = codes.view(batch, steps, -1).transpose(0, 1)  # (E, B, C)
+        weight = episode_mask.transpose(0, 1) if episode_mask is not None else 1.0
+        return self.memory.write(codes, self.memory.prior(batch), weight=weight)
+
+    def read_memory(
+        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, memory_state: MemoryState | None
+    ) -> MemoryRead:
+        """Read the memory for each row and project the read-outs to per-layer key/values.
+
+        The state read is `memory_state`, else the one written by `write_memory`, else each row's own code
+        written alone (so a row's output never depends on its neighbours).
+        """
+        if self.language_model.is_gradient_checkpointing and self.training:
+            raise ValueError(
+                "MicroVLM: the episodic memory reaches the LM as past_key_values, which transformers' gradient "
+                "checkpointing drops. Train with use_memory=False, or disable gradient checkpointing."
+            )
+        codes = self.memory_codes(inputs_embeds, attention_mask)  # (B, C)
+        batch = codes.shape[0]
+        state = memory_state if memory_state is not None else self.episodic_state
+        if state is None:
+            state = self.memory.write(codes.unsqueeze(0), self.memory.prior(batch))
+        readout, kl_terms = self.memory.read(codes.unsqueeze(0), self._broadcast_state(state, batch))
+        gate = self.scope_net(codes)
+        key_values = self.memory_projection(readout[0].unsqueeze(1).to(inputs_embeds.dtype))
+        num_memory_tokens = key_values[0][0].shape[2]
+        if self.training:  # soft gate: ScopeNet also learns from the LM loss, through the memory's values
+            soft = gate.to(inputs_embeds.dtype).view(-1, 1, 1, 1)
+            key_values = tuple((key, value * soft) for key, value in key_values)
+            mask = torch.ones(batch, num_memory_tokens, dtype=torch.long, device=codes.device)
+        else:  # hard gate: a masked memory column is exactly "no memory" for that row
+            mask = (gate >= self.config.scope_threshold).long().unsqueeze(1).expand(-1, num_memory_tokens)
+        return MemoryRead(
+            key_values=key_values,
+            mask=mask,
+            gate=gate,
+            memory_kl=kl_terms["memory_kl"],
+            addressing_kl=kl_terms["addressing_kl"],
+        )
+
+    @staticmethod
+    def _broadcast_state(state: MemoryState, batch: int) -> MemoryState:
+        if state.mean.shape[0] == batch:
+            return state
+        if state.mean.shape[0] != 1:
+            raise ValueError(f"MicroVLM memory holds {state.mean.shape[0]} episodes but the batch has {batch} rows")
+        return MemoryState(state.mean.expand(batch, -1, -1), state.cov.expand(batch, -1, -1))
+
+    @property
+    def memory_state(self) -> MemoryState:
+        """The current episodic memory (M (1, K, C), Σ (1, K, K)); the learned prior when nothing was written."""
+        return self.episodic_state if self.episodic_state is not None else self.memory.prior(1)
+
+    def reset_memory(self) -> None:
+        """Forget every episode written since loading (reads fall back to the batch itself)."""
+        self.episodic_state = None
+
+    @torch.no_grad()
+    def write_memory(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        weight: float = 1.0,
+    ) -> MemoryState:
+        """Write one episode: row i of the batch is step i. `weight=-1` removes what a `+1` write of the same
+        inputs added (Larimar's selective forgetting). The memory persists across `generate` calls until
+        `reset_memory()`."""
+        codes = self.memory_codes(self.fused_embeddings(input_ids, pixel_values), attention_mask)
+        self.episodic_state = self.memory.write(codes.unsqueeze(1), self.memory_state, weight=weight)
+        return self.episodic_state
+
+    def save_memory(self, save_directory: str | os.PathLike) -> None:
+        """Save the written episodic memory beside the weights (`memory_state.safetensors`)."""
+        state = self.memory_state
+        save_file({"mean": state.mean.contiguous(), "cov": state.cov.contiguous()}, os.path.join(save_directory, MEMORY_STATE_FILE))
+
+    def load_memory(self, save_directory: str | os.PathLike) -> None:
+        """Load a memory saved by `save_memory`; raises if the folder has none."""
+        path = os.path.join(save_directory, MEMORY_STATE_FILE)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No episodic memory in {save_directory}: expected {MEMORY_STATE_FILE}")
+        tensors = load_file(path, device=str(self.device))
+        self.episodic_state = MemoryState(tensors["mean"], tensors["cov"])
 
     def prepare_inputs_for_generation(self, *args, pixel_values=None, is_first_iteration=False, **kwargs):
         # The image prefix is computed once: pixel_values go to the first forward only (or to every forward when

@@ -1,21 +1,15 @@
 #!/usr/bin/env bash
-# Fresh-machine setup + tests: a venv with torch 2.13.0 (CPU build) first, then MicroVLM with its pinned
-# dependencies, then the whole test suite. A second venv with the lowest supported transformers (5.0.0) runs
-# the tests marked `min_version` (remote code, generation, processor) again: 5.0 and 5.23 differ exactly there.
+# Fresh-machine setup + tests: the project venv (scripts/setup_venv.sh), the whole suite, then a second venv with
+# the lowest supported transformers (5.0.0) runs the tests marked `min_version` (remote code, generation,
+# processor) again: 5.0 and 5.23 differ exactly there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV=${VENV:-.venv}
-VENV_MIN=${VENV_MIN:-.venv-transformers-5.0}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-
-if [ ! -x "$VENV/bin/python" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -c requirements-pinned.txt -e ".[test]"
-fi
-"$VENV/bin/python" -m pytest -q tests
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1
+source scripts/setup_venv.sh
+"$PY" -m pytest -q tests
 
 if [ "${SKIP_MIN_VERSION:-0}" != 1 ]; then
+  VENV_MIN=${VENV_MIN:-.venv-transformers-5.0}
   if [ ! -x "$VENV_MIN/bin/python" ]; then
     python3 -m venv "$VENV_MIN"
     "$VENV_MIN/bin/pip" install -q torch==2.13.0

@@ -1,0 +1,126 @@
+"""Batches for MicroVLM training and evaluation: prompt + target sequences, and episodes for the memory.
+
+Sample formats (columns of the built-in set, `synthetic_shapes.py`; any image–text source has `image` + `text`):
+
+* caption: the image prefix is the prompt, the caption the target.
+* qa: image prefix + question is the prompt, the short answer the target.
+* recall: no image in the input; the question about image i of an episode is the prompt, the answer the target,
+  and the episode (image + "image i: caption" for each step) is written to the row's memory first.
+
+Labels cover the target (and the EOS after it) only. With `with_episodes`, every row carries an episode: recall
+rows their own, other rows the group of `episode_size` consecutive rows they belong to (Larimar's auto-encoding
+episodes, where a row must find itself among the others), so one forward trains both.
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+def episode_step_text(index: int, caption: str) -> str:
+    """Text written with the image of episode step `index` (0-based; shown 1-based as in the questions)."""
+    return f"image {index + 1}: {caption}"
+
+
+def prompt_and_target(sample: dict[str, Any]) -> tuple[str, str, bool]:
+    """(prompt text, target text, has image) of one sample."""
+    kind = sample.get("kind") or "caption"
+    if kind == "caption":
+        return "", sample["text"], True
+    if kind == "qa":
+        return sample["text"], sample["answer"], True
+    if kind == "recall":
+        return sample["text"], sample["answer"], False
+    raise ValueError(f"sample column 'kind' must be caption, qa or recall, got {kind!r}")
+
+
+@dataclass
+class MicroVLMCollator:
+    """Collates samples into `input_ids`, `attention_mask`, `labels`, `pixel_values` (one image per row; rows
+    without an image get none of the image's placeholders and a blank image is not sent), `scope_labels`
+    (1 for recall rows) and, with `with_episodes`, `episode_*` tensors (B, E, ...).
+
+    `processor` is a [`MicroVLMProcessor`]: its tokenizer, image processor, image token and image-token count.
+    Sequences are left-padded (the model counts positions over real tokens, so padding never moves them).
+    """
+
+    processor: Any
+    with_episodes: bool = False
+    episode_size: int = 2
+    max_length: int = 64
+
+    def __post_init__(self) -> None:
+        tokenizer = self.processor.tokenizer
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        self.image_tokens = [self.image_token_id] * self.processor.num_image_tokens
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_id = tokenizer.eos_token_id
+
+    def _tokens(self, text: str) -> list[int]:
+        return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
+
+    def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        return self.processor.image_processor([image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+
+    def _left_pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
+        width = max(len(row) for row in rows)
+        return torch.tensor([[value] * (width - len(row)) + row for row in rows], dtype=torch.long)
+
+    def __call__(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        input_ids, labels, images = [], [], []
+        for sample in samples:
+            prompt, target, has_image = prompt_and_target(sample)
+            prompt_ids = (self.image_tokens if has_image else []) + self._tokens(prompt)
+            target_ids = self._tokens((" " if prompt else "") + target) + [self.eos_id]
+            ids = (prompt_ids + target_ids)[: self.max_length]
+            input_ids.append(ids)
+            labels.append(([IGNORE_INDEX] * len(prompt_ids) + target_ids)[: self.max_length])
+            if has_image:
+                images.append(sample["image"])
+        batch = {
+            "input_ids": self._left_pad(input_ids, self.pad_id),
+            "attention_mask": self._left_pad([[1] * len(ids) for ids in input_ids], 0),
+            "labels": self._left_pad(labels, IGNORE_INDEX),
+            "scope_labels": torch.tensor([float(s.get("kind") == "recall") for s in samples]),
+        }
+        if images:
+            batch["pixel_values"] = self._pixels(images)
+        if self.with_episodes:
+            batch.update(self._episodes(samples))
+        return batch
+
+    def _episodes(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """One episode per row: (image, caption) steps, padded to the longest episode with masked steps."""
+        episodes = []
+        for row, sample in enumerate(samples):
+            if sample.get("kind") == "recall":
+                episodes.append(list(zip(sample["episode_images"], sample["episode_captions"])))
+            else:
+                start = row - row % self.episode_size
+                group = samples[start : start + self.episode_size]
+                episodes.append([(s["image"], " ".join(filter(None, prompt_and_target(s)[:2]))) for s in group if s.get("kind") != "recall"])
+        steps = max(len(episode) for episode in episodes)
+        step_ids, step_images, step_mask = [], [], []
+        for episode in episodes:
+            for index in range(steps):
+                real = index < len(episode)
+                image, caption = episode[index] if real else episode[0]
+                step_ids.append(self.image_tokens + self._tokens(episode_step_text(index, caption)))
+                step_images.append(image)
+                step_mask.append(float(real))
+        ids = self._left_pad(step_ids, self.pad_id)
+        batch, width = len(samples), ids.shape[1]
+        pixels = self._pixels(step_images)
+        return {
+            "episode_input_ids": ids.view(batch, steps, width),
+            "episode_attention_mask": self._left_pad([[1] * len(s) for s in step_ids], 0).view(batch, steps, width),
+            "episode_pixel_values": pixels.view(batch, steps, *pixels.shape[1:]),
+            "episode_mask": torch.tensor(step_mask).view(batch, steps),
+        }

@@ -1,0 +1,197 @@
+r"""Larimar episodic memory (Das et al., 2024): a Gaussian, Kanerva-style memory written by Bayesian updates.
+
+The memory is a matrix-normal distribution over M (K slots × C code dims): mean M, and a K×K covariance Σ shared
+by the C columns. A code z (C,) is stored at addressing weights w (K,) with wᵀM ≈ z; writing is exact Bayesian
+linear regression of the codes on the weights, done one observation at a time (Sherman–Morrison / Kalman).
+
+Addressing solves wᵀM = z in the least-squares sense, w = z·pinv(M), by one of two methods (`pseudo_inverse`):
+
+* "cholesky" (default): w = z Mᵀ (M Mᵀ + λI)⁻¹ with λ = `ridge`·tr(MMᵀ)/K, one K×K Cholesky per batch element.
+  Measured against `torch.linalg.pinv` on random well-conditioned 64×128 matrices (tests): relative error
+  ~1e-4 at ridge 1e-4 (the bias λ/σ²_min of the ridge), in float32; it never diverges.
+* "ben_israel_cohen": X₀ = α·Mᵀ, X_{k+1} = 2X_k − X_k·M·X_k with α = 1/‖M‖²_F, which guarantees convergence
+  (α < 2/σ²_max). The error shrinks like (1 − α σ²_min)^(2^k): after 15 steps it is ~1e-6 for the same
+  well-conditioned matrices but stays large when σ²_min/‖M‖²_F ≲ 1e-4 (ill-conditioned memories). The seed's
+  fixed α = 5e-4 is no such bound: for unit-scale 512×896 memories ‖M‖²_F ≈ 4.6e5, so it diverges or, when it
+  does converge, is still ~99.6% wrong after 3 steps.
+
+Every computation runs in float32 with autocast disabled, whatever the caller's dtype; results are cast back.
+"""
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+
+class MemoryState(NamedTuple):
+    """mean (B, K, C) and covariance (B, K, K) of the memory, float32."""
+
+    mean: torch.Tensor
+    cov: torch.Tensor
+
+
+def pseudo_inverse(matrix: torch.Tensor, method: str = "cholesky", steps: int = 15, ridge: float = 1e-4) -> torch.Tensor:
+    """pinv of `matrix` (..., K, C) → (..., C, K) (see the module docstring for the two methods)."""
+    if method == "cholesky":
+        k = matrix.shape[-2]
+        gram = matrix @ matrix.transpose(-1, -2)  # (..., K, K)
+        lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True).unsqueeze(-1) + 1e-6
+        factor = torch.linalg.cholesky(gram + lam * torch.eye(k, device=matrix.device, dtype=matrix.dtype))
+        # pinv = Mᵀ (MMᵀ + λI)⁻¹ = ((MMᵀ + λI)⁻¹ M)ᵀ
+        return torch.cholesky_solve(matrix, factor).transpose(-1, -2)
+    if method == "ben_israel_cohen":
+        alpha = 1.0 / matrix.pow(2).sum((-2, -1), keepdim=True).clamp(min=1e-12)
+        inverse = alpha * matrix.transpose(-1, -2)
+        for _ in range(steps):
+            inverse = 2 * inverse - inverse @ matrix @ inverse
+        return inverse
+    raise ValueError(f"pseudo_inverse: method must be 'cholesky' or 'ben_israel_cohen', got {method!r}")
+
+
+class LarimarMemory(nn.Module):
+    r"""Episodic memory with a learnable prior N(M0, Σ0), Σ0 = diag(exp(prior_log_variance)).
+
+    Args:
+        num_slots: K. code_dim: C.
+        observation_noise_std: σ_noise, the std of the observation noise of a write (and of a training read).
+        pinv_method, pinv_steps, ridge: addressing, see `pseudo_inverse`.
+        use_lstm: encode each episode with a bidirectional LSTM (residual, C/2 per direction) before writing,
+            so that a step's code can carry its context (order) within the episode.
+    """
+
+    def __init__(
+        self,
+        num_slots: int,
+        code_dim: int,
+        observation_noise_std: float = 0.1,
+        pinv_method: str = "cholesky",
+        pinv_steps: int = 15,
+        ridge: float = 1e-4,
+        use_lstm: bool = False,
+    ):
+        super().__init__()
+        if use_lstm and code_dim % 2:
+            raise ValueError(f"LarimarMemory: use_lstm needs an even code_dim, got {code_dim}")
+        self.num_slots, self.code_dim = num_slots, code_dim
+        self.observation_noise_std = observation_noise_std
+        self.pinv_method, self.pinv_steps, self.ridge = pinv_method, pinv_steps, ridge
+        # Unnormalised LM states make the pseudo-inverse diverge: every code is layer-normed first.
+        self.code_norm = nn.LayerNorm(code_dim)
+        self.prior_mean = nn.Parameter(torch.randn(num_slots, code_dim))
+        self.prior_log_variance = nn.Parameter(torch.zeros(num_slots))
+        self.addressing_log_variance = nn.Parameter(torch.full((num_slots,), -4.0))
+        self.lstm = nn.LSTM(code_dim, code_dim // 2, bidirectional=True) if use_lstm else None
+
+    # ------------------------------------------------------------------ helpers
+
+    @staticmethod
+    def _float32(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        return [t.float() for t in tensors]
+
+    def _codes(self, z: torch.Tensor) -> torch.Tensor:
+        return nn.functional.layer_norm(z.float(), (self.code_dim,), self.code_norm.weight.float(), self.code_norm.bias.float(), self.code_norm.eps)
+
+    def prior(self, batch_size: int) -> MemoryState:
+        """The prior state N(M0, Σ0) for `batch_size` independent memories."""
+        with torch.autocast(device_type=self.prior_mean.device.type, enabled=False):
+            mean = self.prior_mean.float().unsqueeze(0).expand(batch_size, -1, -1)
+            variance = self.prior_log_variance.float().clamp(-10.0, 10.0).exp()
+            cov = torch.diag_embed(variance).unsqueeze(0).expand(batch_size, -1, -1)
+        return MemoryState(mean, cov)
+
+    def address(self, z: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        """Addressing weights w (E, B, K) with wᵀM ≈ code(z) for z (E, B, C), against the state's mean."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            return self._address_codes(self._codes(z), state)
+
+    def _address_codes(self, codes: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        inverse = pseudo_inverse(state.mean.float(), self.pinv_method, self.pinv_steps, self.ridge)  # (B, C, K)
+        return torch.einsum("ebc,bck->ebk", codes, inverse)
+
+    # ------------------------------------------------------------------ write / read
+
+    def write(
+        self,
+        z: torch.Tensor,
+        state: MemoryState,
+        weight: float | torch.Tensor = 1.0,
+        addresses: torch.Tensor | None = None,
+    ) -> MemoryState:
+        r"""Write an episode z (E, B, C) step by step; returns the posterior state.
+
+        For each step, with code z, addresses w (computed against the current mean unless `addresses` (E, B, K)
+        are given) and sign/weight s (`weight`, a float or (E, B)):
+
+            Δ = z − wᵀM,   d = σ²_noise + s·wᵀΣw,
+            M ← M + s·(Σw)Δᵀ / d,   Σ ← Σ − s·(Σw)(Σw)ᵀ / d.
+
+        This is the Sherman–Morrison update of the precision P ← P + s·wwᵀ/σ²_noise (and of the information
+        vector Pm ← Pm + s·w zᵀ/σ²_noise), so s = 1 is a Kalman write, s = 0 no write at all, and s = −1 with
+        the same addresses exactly undoes an s = 1 write (Larimar's selective forgetting).
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            codes = self._codes(z)
+            if self.lstm is not None:
+                codes = codes + self.lstm.float()(codes)[0]
+            steps, batch = codes.shape[:2]
+            weights = torch.as_tensor(weight, dtype=torch.float32, device=codes.device).expand(steps, batch)
+            mean, cov = self._float32(*state)
+            noise = self.observation_noise_std**2
+            for step in range(steps):
+                if addresses is not None:
+                    w = addresses[step].float()
+                else:
+                    w = self._address_codes(codes[step : step + 1], MemoryState(mean, cov))[0]
+                s = weights[step].unsqueeze(-1)  # (B, 1)
+                sigma_w = torch.einsum("bkj,bj->bk", cov, w)  # (B, K)
+                delta = codes[step] - torch.einsum("bk,bkc->bc", w, mean)  # (B, C)
+                denominator = (noise + s * (w * sigma_w).sum(-1, keepdim=True)).clamp(min=1e-6)  # (B, 1)
+                gain = s * sigma_w / denominator  # (B, K)
+                mean = mean + gain.unsqueeze(-1) * delta.unsqueeze(1)
+                cov = cov - gain.unsqueeze(-1) * sigma_w.unsqueeze(1)
+                cov = 0.5 * (cov + cov.transpose(-1, -2))  # keep it exactly symmetric
+        return MemoryState(mean, cov)
+
+    def read(self, z: torch.Tensor, state: MemoryState) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        r"""Read z (E, B, C) → (ẑ (E, B, C) in z's dtype, KL terms).
+
+        ẑ = wᵀM with w = address(z). In training, w ~ N(w, diag(exp(ℓ))) with a learned per-slot log-variance ℓ
+        (K,), and observation noise N(0, σ²_noise) is added to ẑ; in eval mode reads are deterministic.
+
+        KL terms (scalars, float32):
+
+        * ``memory_kl`` = KL(N(M, Σ) ‖ N(M0, Σ0)) of the matrix-normal memory, per column (÷ C) and averaged over
+          the batch: ½[tr(Σ0⁻¹Σ) + tr((M−M0)ᵀΣ0⁻¹(M−M0))/C − K + ln|Σ0| − ln|Σ|].
+        * ``addressing_kl`` = KL(N(w, diag(exp ℓ)) ‖ N(0, I)) = ½ Σ_k [exp ℓ_k + w_k² − 1 − ℓ_k], summed over the
+          K slots and averaged over the E·B reads.
+        """
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            mean, cov = self._float32(*state)
+            w = self._address_codes(self._codes(z), MemoryState(mean, cov))  # (E, B, K)
+            log_variance = self.addressing_log_variance.float().clamp(-10.0, 4.0)
+            if self.training:
+                w = w + torch.randn_like(w) * (0.5 * log_variance).exp()
+            readout = torch.einsum("ebk,bkc->ebc", w, mean)
+            if self.training:
+                readout = readout + torch.randn_like(readout) * self.observation_noise_std
+            addressing_kl = 0.5 * (log_variance.exp() + w.pow(2) - 1.0 - log_variance).sum(-1).mean()
+            kl_terms = {"memory_kl": self._memory_kl(mean, cov), "addressing_kl": addressing_kl}
+        return readout.to(z.dtype), kl_terms
+
+    def _memory_kl(self, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
+        prior_mean = self.prior_mean.float()
+        prior_log_variance = self.prior_log_variance.float().clamp(-10.0, 10.0)
+        inverse_prior = (-prior_log_variance).exp()  # diagonal of Σ0⁻¹, (K,)
+        k = self.num_slots
+        jitter = 1e-6 * torch.eye(k, device=cov.device)
+        log_det = 2 * torch.linalg.cholesky(cov + jitter).diagonal(dim1=-2, dim2=-1).log().sum(-1)  # (B,)
+        trace = (inverse_prior * cov.diagonal(dim1=-2, dim2=-1)).sum(-1)
+        mahalanobis = (inverse_prior.unsqueeze(-1) * (mean - prior_mean).pow(2)).sum((-2, -1)) / self.code_dim
+        return 0.5 * (trace + mahalanobis - k + prior_log_variance.sum() - log_det).mean()
+
+    def extra_repr(self) -> str:
+        return f"num_slots={self.num_slots}, code_dim={self.code_dim}, pinv={self.pinv_method}"
+
+
+__all__ = ["LarimarMemory", "MemoryState", "pseudo_inverse"]

@@ -1,0 +1,202 @@
+"""Train MicroVLM with the HF `Trainer`: `python -m microvlm.train --stage stage1|stage2|both --recipe demo ...`.
+
+Settings come, lowest precedence first, from the stage config (`configs/stage1.json`, `configs/stage2.json`), the
+recipe (`configs/<recipe>.json`: `all` and per-stage sections) and the command line: every dataclass field below
+and every `TrainingArguments` field is a flag. `--stage both` runs stage 1, then stage 2 from stage 1's result.
+The same script runs under `accelerate launch` and `torchrun`.
+"""
+
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments, set_seed
+
+from .callbacks import GradientFlowCallback, MemoryCheckpointCallback
+from .configuration_microvlm import MicroVLMConfig
+from .data.collator import MicroVLMCollator
+from .modeling_microvlm import MicroVLMForCausalLM
+from .processing_microvlm import MicroVLMProcessor
+from .trainer import MicroVLMTrainer
+
+logger = logging.getLogger("microvlm.train")
+
+CONFIGS_DIR = Path(__file__).parent / "configs"
+STAGES = ("stage1", "stage2")
+
+
+@dataclass
+class ModelArguments:
+    preset: str = field(default="tiny", metadata={"help": "MicroVLM preset to build when not starting from a folder"})
+    init_from: str | None = field(default=None, metadata={"help": "a saved MicroVLM folder to start from"})
+    vision_model: str | None = field(default=None, metadata={"help": "pretrained vision tower (hub id or folder)"})
+    language_model: str | None = field(default=None, metadata={"help": "pretrained LM (hub id or folder)"})
+    use_memory: bool = field(default=False, metadata={"help": "read the episodic memory in this stage"})
+    train_groups: str = field(
+        default="adapter,alignment",
+        metadata={"help": "comma-separated module groups to train: vision, adapter, alignment, memory, scope_net, language"},
+    )
+    trainable_lm_layers: int = field(default=0, metadata={"help": "also train the last N decoder layers of the LM"})
+
+
+@dataclass
+class DataArguments:
+    dataset: str = field(default="synthetic", metadata={"help": "'synthetic' (built-in) or an image-text source"})
+    sample_kinds: str = field(default="caption,qa", metadata={"help": "built-in sample kinds: caption, qa, recall"})
+    num_train: int = 2000
+    num_validation: int = 200
+    num_test: int = 200
+    episode_size: int = 2
+    data_seed_offset: int = 0
+    image_column: str = "image"
+    text_column: str = "text"
+    max_length: int = 64
+
+
+@dataclass
+class RunArguments:
+    stage: str = field(default="stage1", metadata={"help": "stage1, stage2 or both"})
+    recipe: str | None = field(default=None, metadata={"help": "named recipe in configs/: demo, test"})
+    gradient_flow_steps: int = field(default=50, metadata={"help": "log gradient flow every N steps"})
+
+
+def read_config(name: str) -> dict[str, Any]:
+    path = CONFIGS_DIR / f"{name}.json"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIGS_DIR.glob("*.json"))
+        raise ValueError(f"unknown config {name!r}: expected one of {known} in {CONFIGS_DIR}")
+    values = json.loads(path.read_text())
+    values.pop("_comment", None)
+    return values
+
+
+def stage_defaults(stage: str, recipe: str | None) -> dict[str, Any]:
+    """Stage config, then the recipe's `all` section, then its section for this stage."""
+    defaults = read_config(stage)
+    if recipe:
+        values = read_config(recipe)
+        defaults.update(values.get("all", {}))
+        defaults.update(values.get(stage, {}))
+    return defaults
+
+
+def parse(argv: list[str], stage: str, recipe: str | None):
+    parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
+    defaults = {"output_dir": "outputs/microvlm", "remove_unused_columns": False, "report_to": "none",
+                "save_strategy": "steps", "eval_strategy": "steps", "logging_strategy": "steps",
+                **stage_defaults(stage, recipe)}
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def freeze_for_stage(model: MicroVLMForCausalLM, groups: list[str], trainable_lm_layers: int) -> dict[str, int]:
+    """Train only the named groups (plus the last `trainable_lm_layers` LM layers); returns trainable counts."""
+    from .callbacks import group_of
+
+    model.requires_grad_(False)
+    for name, param in model.named_parameters():
+        if group_of(name) in groups:
+            param.requires_grad_(True)
+    if trainable_lm_layers:
+        model.language_model.model.layers[-trainable_lm_layers:].requires_grad_(True)
+    # The temperature stays fixed unless the config says it is learnable, whatever the groups say.
+    model.alignment.log_logit_scale.requires_grad_(model.config.alignment_learnable_temperature)
+    counts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            counts[group_of(name)] = counts.get(group_of(name), 0) + param.numel()
+    return counts
+
+
+def build_model(model_args: ModelArguments) -> MicroVLMForCausalLM:
+    if model_args.init_from:
+        model = MicroVLMForCausalLM.from_pretrained(model_args.init_from)
+    elif model_args.vision_model and model_args.language_model:
+        model = MicroVLMForCausalLM.from_pretrained_backbones(model_args.vision_model, model_args.language_model)
+    else:
+        model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(model_args.preset))
+    model.config.use_memory = model_args.use_memory
+    return model
+
+
+def build_processor(model_args: ModelArguments) -> MicroVLMProcessor:
+    if model_args.init_from:
+        return MicroVLMProcessor.from_pretrained(model_args.init_from)
+    return MicroVLMProcessor.from_preset(model_args.preset)
+
+
+def build_datasets(data_args: DataArguments, image_size: int, seed: int):
+    kinds = tuple(kind.strip() for kind in data_args.sample_kinds.split(",") if kind.strip())
+    if data_args.dataset == "synthetic":
+        from .data.synthetic_shapes import build_synthetic_dataset
+
+        splits = build_synthetic_dataset(
+            num_train=data_args.num_train,
+            num_validation=data_args.num_validation,
+            num_test=data_args.num_test,
+            image_size=image_size,
+            episode_size=data_args.episode_size,
+            seed=seed + data_args.data_seed_offset,
+            kinds=kinds,
+        )
+        return splits["train"], splits["validation"]
+    from .data.sources import load_image_text_dataset
+
+    train = load_image_text_dataset(data_args.dataset, split="train", image_column=data_args.image_column, text_column=data_args.text_column)
+    return train, None
+
+
+def run_stage(stage: str, argv: list[str], recipe: str | None, init_from: str | None = None) -> str:
+    model_args, data_args, run_args, training_args = parse(argv, stage, recipe)
+    if init_from is not None:
+        model_args.init_from = init_from
+    set_seed(training_args.seed)
+    model = build_model(model_args)
+    processor = build_processor(model_args)
+    counts = freeze_for_stage(model, [g.strip() for g in model_args.train_groups.split(",")], model_args.trainable_lm_layers)
+    logger.info("%s: trainable parameters by group %s", stage, counts)
+    train_dataset, eval_dataset = build_datasets(data_args, model.config.vision_config.image_size, training_args.seed)
+    if eval_dataset is None:
+        training_args.eval_strategy = "no"
+    collator = MicroVLMCollator(
+        processor, with_episodes=model_args.use_memory, episode_size=data_args.episode_size, max_length=data_args.max_length
+    )
+    trainer = MicroVLMTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
+        data_collator=collator,
+        processing_class=processor,
+        callbacks=[GradientFlowCallback(run_args.gradient_flow_steps), MemoryCheckpointCallback()],
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if trainer.is_world_process_zero():
+        trainer.save_state()
+        summary = {k: v for k, v in trainer.state.log_history[-1].items() if isinstance(v, (int, float))}
+        logger.info("%s done: %s → %s", stage, summary, training_args.output_dir)
+    return training_args.output_dir
+
+
+def main(argv: list[str] | None = None) -> list[str]:
+    """Run the requested stage(s); returns the output folder of each."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    _, _, run_args, training_args = parse(argv, "stage1", None)
+    if run_args.stage not in (*STAGES, "both"):
+        raise ValueError(f"--stage must be stage1, stage2 or both, got {run_args.stage!r}")
+    if run_args.stage != "both":
+        return [run_stage(run_args.stage, argv, run_args.recipe)]
+    root = Path(training_args.output_dir)
+    first = run_stage("stage1", [*argv, "--output_dir", str(root / "stage1")], run_args.recipe)
+    second = run_stage("stage2", [*argv, "--output_dir", str(root / "stage2")], run_args.recipe, init_from=first)
+    return [first, second]
+
+
+if __name__ == "__main__":
+    main()

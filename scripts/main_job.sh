@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# The main job on the built-in offline default: sets up the venv, trains the tiny preset on the built-in shapes
+# set (stage 1 then stage 2, the `demo` recipe), and leaves a checkpoint folder that reloads with
+# trust_remote_code. Extra arguments go to `python -m microvlm.train` (e.g. --max_steps 50).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 HF_EVALUATE_OFFLINE=1
+source scripts/setup_venv.sh
+OUT=${OUT:-outputs/demo}
+"$PY" -m microvlm.train --stage both --recipe demo --output_dir "$OUT" "$@"
+echo "MicroVLM demo model: $OUT/stage2"

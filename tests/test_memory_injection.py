@@ -1,0 +1,143 @@
+"""The episodic memory inside the model: GQA-shaped key/values as past_key_values, gating, generation, state."""
+
+import pytest
+import torch
+
+from microvlm import MicroVLMConfig, MicroVLMForCausalLM
+from microvlm.memory_cache import MemoryCache
+
+from .conftest import make_inputs
+from .test_generation import greedy_without_cache
+
+pytestmark = pytest.mark.min_version
+
+
+@pytest.fixture
+def memory_model() -> MicroVLMForCausalLM:
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny", use_memory=True, scope_threshold=0.0)).eval()
+    with torch.no_grad():  # a memory whose effect on the logits is large enough to see
+        model.memory_projection.proj.weight.mul_(20)
+    return model
+
+
+def memory_kv_shapes(model, inputs) -> list[tuple[int, ...]]:
+    embeds = model.fused_embeddings(inputs["input_ids"], inputs["pixel_values"])
+    read = model.read_memory(embeds, inputs["attention_mask"], None)
+    return [tuple(key.shape) for key, _ in read.key_values] + [tuple(value.shape) for _, value in read.key_values]
+
+
+def test_memory_key_values_have_the_language_models_gqa_cache_shape(memory_model):
+    config = memory_model.config
+    inputs = make_inputs(config, [4, 6])
+    text = config.text_config
+    expected = (2, text.num_key_value_heads, config.memory_tokens_per_read, text.hidden_size // text.num_attention_heads)
+    assert text.num_key_value_heads < text.num_attention_heads  # GQA: KV heads, not query heads
+    assert memory_kv_shapes(memory_model, inputs) == [expected] * (2 * text.num_hidden_layers)
+    with torch.no_grad():
+        out = memory_model(**inputs, use_cache=True)
+    cache = out.past_key_values
+    assert isinstance(cache, MemoryCache)
+    assert len(cache.layers) == text.num_hidden_layers
+    assert cache.get_seq_length() == config.memory_tokens_per_read + inputs["input_ids"].shape[1]
+
+
+@torch.no_grad()
+def test_reference_preset_memory_is_shaped_for_two_kv_heads_of_64():
+    config = MicroVLMConfig.from_preset("microvlm-v")
+    with torch.device("meta"):
+        model = MicroVLMForCausalLM(config)
+        key_values = model.memory_projection(torch.zeros(3, 1, 896))
+    assert len(key_values) == 24
+    assert all(key.shape == (3, 2, 1, 64) and value.shape == (3, 2, 1, 64) for key, value in key_values)
+
+
+@torch.no_grad()
+def test_zero_projection_gives_zero_memory_key_values(memory_model):
+    inputs = make_inputs(memory_model.config, [5, 3])
+    without = memory_model(**inputs, use_memory=False).logits
+    assert not torch.allclose(memory_model(**inputs, use_memory=True).logits, without, atol=1e-3)
+    memory_model.memory_projection.proj.weight.zero_()
+    memory_model.memory_projection.proj.bias.zero_()
+    # A zeroed W_M gives all-zero memory keys and values. Under softmax attention a zero key still takes weight
+    # exp(0)/Z, so this is not "no memory"; masking the memory columns is (next test).
+    embeds = memory_model.fused_embeddings(inputs["input_ids"], inputs["pixel_values"])
+    read = memory_model.read_memory(embeds, inputs["attention_mask"], None)
+    assert all(not key.any() and not value.any() for key, value in read.key_values)
+
+
+@torch.no_grad()
+def test_a_gated_off_row_gets_exactly_the_logits_without_memory(memory_model):
+    inputs = make_inputs(memory_model.config, [5, 3])
+    without = memory_model(**inputs, use_memory=False).logits
+    memory_model.config.scope_threshold = 1.01  # every gate is below: no row reads the memory
+    gated = memory_model(**inputs, use_memory=True)
+    assert gated.scope_gate.shape == (2,)
+    torch.testing.assert_close(gated.logits, without, rtol=0, atol=1e-6)
+
+
+@torch.no_grad()
+def test_generation_with_memory_equals_a_no_cache_loop_with_the_same_memory(memory_model):
+    inputs = make_inputs(memory_model.config, [6, 3])
+    generated = memory_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_memory=True)
+    reference = greedy_without_cache(memory_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 6)
+    assert torch.equal(generated, reference)  # the no-cache loop reads the memory at every step (config default)
+    assert not torch.equal(generated, memory_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_memory=False))
+
+
+@torch.no_grad()
+def test_the_memory_is_read_once_per_generate(memory_model):
+    calls = []
+    hook = memory_model.memory_projection.register_forward_hook(lambda *_: calls.append(1))
+    try:
+        memory_model.generate(**make_inputs(memory_model.config, [4]), max_new_tokens=5, min_new_tokens=5, use_memory=True)
+    finally:
+        hook.remove()
+    assert len(calls) == 1
+
+
+@torch.no_grad()
+def test_written_memory_persists_across_generate_calls_until_reset(memory_model, tmp_path):
+    config = memory_model.config
+    episode = make_inputs(config, [5, 5, 5], seed=7)
+    question = make_inputs(config, [4], seed=8)
+    before = memory_model(**question).logits
+    state = memory_model.write_memory(**episode)
+    assert state.mean.shape == (1, config.memory_num_slots, config.text_config.hidden_size)
+    after = memory_model(**question).logits
+    assert not torch.allclose(before, after)
+    assert torch.equal(memory_model(**question).logits, after)  # reading does not change the memory
+    memory_model.save_memory(tmp_path)
+    memory_model.reset_memory()
+    torch.testing.assert_close(memory_model(**question).logits, before)
+    memory_model.load_memory(tmp_path)
+    torch.testing.assert_close(memory_model(**question).logits, after)
+
+
+def test_gradients_reach_the_projection_scope_net_lstm_and_prior_when_memory_is_on():
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny", use_memory=True, memory_use_lstm=True)).train()
+    inputs = make_inputs(model.config, [5, 5, 4, 6], seed=2)
+    episode = make_inputs(model.config, [4] * 8, seed=3)
+    out = model(
+        **inputs,
+        labels=inputs["input_ids"],
+        episode_input_ids=episode["input_ids"].view(4, 2, -1),
+        episode_attention_mask=episode["attention_mask"].view(4, 2, -1),
+        episode_pixel_values=episode["pixel_values"].view(4, 2, 3, 64, 64),
+        scope_labels=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+    )
+    assert torch.isfinite(out.memory_kl) and torch.isfinite(out.addressing_kl) and out.scope_loss is not None
+    out.loss.backward()
+    for name in ("memory_projection.proj.weight", "scope_net.net.0.weight", "memory.lstm.weight_ih_l0",
+                 "memory.prior_mean", "memory.prior_log_variance", "memory.addressing_log_variance"):
+        grad = dict(model.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_with_memory_is_refused_clearly():
+    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny", use_memory=True)).train()
+    model.gradient_checkpointing_enable()
+    inputs = make_inputs(model.config, [4])
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(**inputs, labels=inputs["input_ids"])
