@@ -10,11 +10,13 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from .configuration_microvlm import MicroVLMConfig
 from .modeling_microvlm import MicroVLMForCausalLM, MicroVLMPreTrainedModel
+from .processing_microvlm import MicroVLMProcessor
 
 AutoConfig.register(MicroVLMConfig.model_type, MicroVLMConfig, exist_ok=True)
 for _auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto_class.register(MicroVLMConfig, MicroVLMForCausalLM, exist_ok=True)
 MicroVLMConfig.register_for_auto_class()
 MicroVLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+MicroVLMProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["MicroVLMConfig", "MicroVLMForCausalLM", "MicroVLMPreTrainedModel"]
+__all__ = ["MicroVLMConfig", "MicroVLMForCausalLM", "MicroVLMPreTrainedModel", "MicroVLMProcessor"]
