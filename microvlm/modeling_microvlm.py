@@ -96,6 +96,13 @@ def text_position_ids(attention_mask: torch.Tensor, seq_len: int) -> torch.LongT
     return positions.clamp(min=0)[:, -seq_len:]
 
 
+def _is_checkpointing(model: PreTrainedModel) -> bool:
+    # transformers 5.23 renamed is_gradient_checkpointing to is_activation_checkpointing (5.0 has only the former).
+    if hasattr(type(model), "is_activation_checkpointing"):
+        return model.is_activation_checkpointing
+    return model.is_gradient_checkpointing
+
+
 class MicroVLMPreTrainedModel(PreTrainedModel):
     config_class = MicroVLMConfig
     config: MicroVLMConfig
@@ -294,15 +301,18 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             lm_loss = ForCausalLMLoss(outputs.logits, labels, self.config.text_config.vocab_size)
             loss = self.config.lm_loss_weight * lm_loss
             if image is not None and self.config.alignment_loss_weight:
-                if pixel_values.shape[0] != input_ids.shape[0]:
+                # Rows without an image (e.g. recall questions) take no part in the image–text pairs.
+                placeholders_per_row = (input_ids == self.config.image_token_id).sum(1)
+                with_image = placeholders_per_row > 0
+                if not bool((placeholders_per_row[with_image] == self.config.num_image_tokens).all()):
                     raise ValueError(
-                        f"MicroVLM alignment pairs one image with one text: got {pixel_values.shape[0]} images for "
-                        f"{input_ids.shape[0]} texts. Set alignment_loss_weight=0 to train multi-image inputs."
+                        "MicroVLM alignment pairs one image with one text: a row holds several images. "
+                        "Set alignment_loss_weight=0 to train multi-image inputs."
                     )
                 words = input_ids != self.config.image_token_id
                 if text_mask is not None:
                     words = words & text_mask[:, -input_ids.shape[1] :].bool()
-                alignment_loss, alignment_logits = self.alignment(image.cls, text_embeds, words)
+                alignment_loss, alignment_logits = self.alignment(image.cls, text_embeds[with_image], words[with_image])
                 loss = loss + self.config.alignment_loss_weight * alignment_loss
             if memory is not None:
                 loss = loss + self.config.memory_kl_weight * memory.memory_kl
@@ -401,7 +411,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         The state read is `memory_state`, else the one written by `write_memory`, else each row's own code
         written alone (so a row's output never depends on its neighbours).
         """
-        if self.language_model.is_gradient_checkpointing and self.training:
+        if _is_checkpointing(self.language_model) and self.training:
             raise ValueError(
                 "MicroVLM: the episodic memory reaches the LM as past_key_values, which transformers' gradient "
                 "checkpointing drops. Train with use_memory=False, or disable gradient checkpointing."
