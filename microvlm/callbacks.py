@@ -12,12 +12,12 @@ logger = logging.getLogger(__name__)
 
 # Module groups of MicroVLMForCausalLM, by parameter-name prefix.
 MODULE_GROUPS = {
-    "vision": ("vision_tower.",),
-    "adapter": ("adapter.",),
-    "alignment": ("alignment.",),
-    "memory": ("memory.", "memory_projection."),
-    "scope_net": ("scope_net.",),
-    "language": ("language_model.",),
+    "vision": ("model.vision_tower.",),
+    "adapter": ("model.adapter.",),
+    "alignment": ("model.alignment.",),
+    "scope_net": ("model.memory.scope_net.",),
+    "memory": ("model.memory.",),
+    "language": ("model.language_model.", "lm_head."),
 }
 
 

@@ -1,33 +1,55 @@
-"""MicroVLM: a vision tower, an adapter that turns patches into prefix tokens, a causal LM and an alignment head.
+"""MicroVLM: a vision tower, an adapter that turns patches into prefix tokens, a causal LM, a CLIP-style alignment
+head and a Larimar episodic memory read into the LM's attention as past key/values.
 
 Layout of one sequence (LLaVA's convention): the processor expands an image placeholder into `k` placeholder
-tokens; `forward` overwrites their embeddings with the adapter's `k` prefix tokens (`masked_scatter`) and runs the
-language model on the fused embeddings. Every size comes from [`MicroVLMConfig`].
+tokens; the model overwrites their embeddings with the adapter's `k` prefix tokens (`masked_scatter`) and runs the
+language model on the fused embeddings. With the memory on, the first forward of a sequence reads the memory and
+puts its key/values in front of the text in the cache. Every size comes from [`MicroVLMConfig`].
 """
 
 import os
 from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import ModelOutput
-from transformers.utils import logging
 
 from .alignment import MicroVLMAlignmentHead, masked_mean
 from .configuration_microvlm import MicroVLMConfig
+from .episodic_memory import MemoryRead, MicroVLMEpisodicMemory
 from .larimar_memory import LarimarMemory, MemoryState
 from .memory_cache import MemoryCache
-from .memory_injection import MemoryKVProjection, ScopeNet
+
+# transformers 5.0 copies only the direct relative imports of a local remote-code folder: name every module the
+# model needs here, even those only used through another one.
+from .memory_injection import MemoryKVProjection, ScopeNet  # noqa: F401
 from .vision_adapter import MicroVLMVisionAdapter
 
-MEMORY_STATE_FILE = "memory_state.safetensors"
 
-logger = logging.get_logger(__name__)
+@dataclass
+class MicroVLMImageFeatures(ModelOutput):
+    """Image encodings: `cls` (batch, vision_dim), `prefix` (batch, k, hidden), `attention` (batch, k, patches)."""
+
+    cls: torch.FloatTensor | None = None
+    prefix: torch.FloatTensor | None = None
+    attention: torch.FloatTensor | None = None
+
+
+@dataclass
+class MicroVLMModelOutput(ModelOutput):
+    """Output of [`MicroVLMModel`]: the LM's `last_hidden_state` (batch, seq, hidden), cache, hidden states and
+    attentions, plus `image` ([`MicroVLMImageFeatures`]) and `memory` ([`MemoryRead`]) when used."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    image: MicroVLMImageFeatures | None = None
+    memory: MemoryRead | None = None
 
 
 @dataclass
@@ -35,15 +57,15 @@ class MicroVLMCausalLMOutput(ModelOutput):
     """Output of [`MicroVLMForCausalLM`].
 
     Args:
-        loss: total loss = lm_loss_weight·lm_loss + alignment_loss_weight·alignment_loss (when labels are given).
+        loss: lm_loss_weight·LM + alignment_loss_weight·InfoNCE + memory_kl_weight·memory KL
+            + addressing_kl_weight·addressing KL + scope_loss_weight·ScopeNet BCE (terms that apply).
         logits: (batch, seq, vocab) next-token scores.
-        past_key_values: the language model's cache.
-        hidden_states, attentions: the language model's, when requested.
+        past_key_values, hidden_states, attentions: the language model's.
         lm_loss: next-token cross-entropy over text tokens only (image placeholders and padding ignored).
         alignment_loss: bidirectional InfoNCE between projected CLS and mean-pooled text embeddings.
-        alignment_logits: (batch, batch) image→text similarity logits scaled by 1/τ.
-        image_prefix: (batch, k, hidden) the adapter's prefix tokens.
-        image_attention: (batch, k, num_patches) the adapter's pooling attention, when `output_attentions`.
+        alignment_logits: (images, images) image→text similarity logits scaled by 1/τ.
+        image_prefix: (images, k, hidden) the adapter's prefix tokens.
+        image_attention: (images, k, num_patches) the adapter's pooling attention, when `output_attentions`.
         memory_kl, addressing_kl: Larimar's KL terms (see `LarimarMemory.read`), when the memory was read.
         scope_gate: (batch,) ScopeNet's gate in [0, 1]; at inference rows below `scope_threshold` got no memory.
         scope_loss: BCE of `scope_gate` against the `scope_labels` given to `forward`.
@@ -63,27 +85,6 @@ class MicroVLMCausalLMOutput(ModelOutput):
     addressing_kl: torch.FloatTensor | None = None
     scope_gate: torch.FloatTensor | None = None
     scope_loss: torch.FloatTensor | None = None
-
-
-@dataclass
-class MemoryRead(ModelOutput):
-    """One memory read for a batch: per-layer `key_values` ((B, kv_heads, n_mem, head_dim) pairs), the memory
-    columns' attention `mask` (B, n_mem), ScopeNet's `gate` (B,), and the KL terms."""
-
-    key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
-    mask: torch.Tensor | None = None
-    gate: torch.Tensor | None = None
-    memory_kl: torch.Tensor | None = None
-    addressing_kl: torch.Tensor | None = None
-
-
-@dataclass
-class MicroVLMImageFeatures(ModelOutput):
-    """Image encodings: `cls` (batch, vision_dim), `prefix` (batch, k, hidden), `attention` (batch, k, patches)."""
-
-    cls: torch.FloatTensor | None = None
-    prefix: torch.FloatTensor | None = None
-    attention: torch.FloatTensor | None = None
 
 
 def text_position_ids(attention_mask: torch.Tensor, seq_len: int) -> torch.LongTensor:
@@ -108,7 +109,6 @@ class MicroVLMPreTrainedModel(PreTrainedModel):
     config: MicroVLMConfig
     base_model_prefix = "model"
     input_modalities = ("image", "text")
-    main_input_name = "input_ids"
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _supports_flash_attn = True
@@ -133,43 +133,17 @@ class MicroVLMPreTrainedModel(PreTrainedModel):
             init.constant_(module.addressing_log_variance, -4.0)
 
 
-class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
-    """Vision tower (any `AutoModel`) → [`MicroVLMVisionAdapter`] → prefix tokens → causal LM (any
-    `AutoModelForCausalLM`), plus [`MicroVLMAlignmentHead`].
-
-    The language model keeps its own head and its own tied-weight declaration (Qwen2.5 ties `lm_head` to
-    `embed_tokens`); transformers gathers it into this model's `all_tied_weights_keys`, so the tie survives
-    save/load and the tied matrix is stored once.
-    """
+class MicroVLMModel(MicroVLMPreTrainedModel):
+    """The MicroVLM body: vision tower (any `AutoModel`), [`MicroVLMVisionAdapter`], [`MicroVLMAlignmentHead`],
+    [`MicroVLMEpisodicMemory`] and the language model's decoder (any `AutoModel` text config), without LM head."""
 
     def __init__(self, config: MicroVLMConfig):
         super().__init__(config)
         self.vision_tower = AutoModel.from_config(config.vision_config, **config.vision_tower_kwargs)
         self.adapter = MicroVLMVisionAdapter(config)
         self.alignment = MicroVLMAlignmentHead(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
-        text = config.text_config
-        hidden = text.hidden_size
-        num_kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-        head_dim = getattr(text, "head_dim", None) or hidden // text.num_attention_heads
-        self.memory = LarimarMemory(
-            num_slots=config.memory_num_slots,
-            code_dim=hidden,
-            observation_noise_std=config.memory_observation_noise_std,
-            pinv_method=config.memory_pinv_method,
-            pinv_steps=config.memory_pinv_steps,
-            use_lstm=config.memory_use_lstm,
-        )
-        self.memory_projection = MemoryKVProjection(
-            code_dim=hidden,
-            num_layers=text.num_hidden_layers,
-            num_key_value_heads=num_kv_heads,
-            head_dim=head_dim,
-            tokens_per_read=config.memory_tokens_per_read,
-        )
-        self.scope_net = ScopeNet(hidden, config.scope_hidden_size)
-        # The episodic memory written by `write_memory`; None means "nothing written" (reads use the batch itself).
-        self.episodic_state: MemoryState | None = None
+        self.memory = MicroVLMEpisodicMemory(config)
+        self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -178,17 +152,11 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_output_embeddings(self) -> nn.Module:
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
-
     def get_image_features(self, pixel_values: torch.FloatTensor, output_attentions: bool = False) -> MicroVLMImageFeatures:
         """pixel_values (B, 3, H, W) → CLS (B, Dv) for alignment and prefix tokens (B, k, D) for the LM."""
         tokens = self.vision_tower(pixel_values=pixel_values).last_hidden_state
-        patches = tokens[:, -self.config.num_patches :]
         # DeiT puts CLS and a distillation token before the patches: the patches are always the last ones.
+        patches = tokens[:, -self.config.num_patches :]
         cls = tokens[:, 0] if self.config.vision_cls_token else patches.mean(1)
         prefix, attention = self.adapter(patches.to(self.adapter.input_proj.weight.dtype), output_attentions)
         return MicroVLMImageFeatures(cls=cls, prefix=prefix, attention=attention)
@@ -196,8 +164,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
     def image_placeholder_mask(self, input_ids: torch.LongTensor, num_images: int) -> torch.BoolTensor:
         """(B, T) mask of the image placeholder positions; raises when their count does not match the images."""
         mask = input_ids == self.config.image_token_id
-        expected = num_images * self.config.num_image_tokens
-        found = int(mask.sum())
+        expected, found = num_images * self.config.num_image_tokens, int(mask.sum())
         if found != expected:
             raise ValueError(
                 f"MicroVLM: input_ids hold {found} image placeholder tokens (id {self.config.image_token_id}) but "
@@ -205,6 +172,153 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
                 "MicroVLMProcessor, which expands each image placeholder to the right count."
             )
         return mask
+
+    def fused_embeddings(
+        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor | None = None, output_attentions: bool = False
+    ) -> tuple[torch.Tensor, MicroVLMImageFeatures | None]:
+        """Token embeddings (B, T, C) with the image placeholders replaced by the adapter's prefix tokens."""
+        embeds = self.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds, None
+        image = self.get_image_features(pixel_values, output_attentions)
+        mask = self.image_placeholder_mask(input_ids, pixel_values.shape[0]).unsqueeze(-1)
+        return embeds.masked_scatter(mask, image.prefix.to(embeds.dtype)), image
+
+    @staticmethod
+    def memory_codes(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Pooled context (B, C): the mean of the fused prefix+text embeddings (B, T, C) over real tokens."""
+        if attention_mask is None:
+            return inputs_embeds.mean(1)
+        return masked_mean(inputs_embeds, attention_mask[:, -inputs_embeds.shape[1] :].bool())
+
+    def episode_codes(
+        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, pixel_values: torch.FloatTensor | None
+    ) -> torch.Tensor:
+        """Codes (E, B, C) of episodes given as (B, E, T) ids/mask and (B, E, 3, H, W) pixels (or None)."""
+        batch, steps = input_ids.shape[:2]
+        pixels = pixel_values.flatten(0, 1) if pixel_values is not None else None
+        flat_mask = attention_mask.flatten(0, 1)
+        embeds, _ = self.fused_embeddings(input_ids.flatten(0, 1), pixels)
+        return self.memory_codes(embeds, flat_mask).view(batch, steps, -1).transpose(0, 1)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        use_memory: bool | None = None,
+        memory_state: MemoryState | None = None,
+        episode_input_ids: torch.LongTensor | None = None,
+        episode_attention_mask: torch.Tensor | None = None,
+        episode_pixel_values: torch.FloatTensor | None = None,
+        episode_mask: torch.Tensor | None = None,
+        **kwargs,
+    ) -> MicroVLMModelOutput:
+        r"""
+        Args:
+            input_ids: (B, T) token ids; image placeholders (`config.image_token_id`) mark where the prefix goes.
+            pixel_values: (B_img, 3, H, W), one image per `num_image_tokens` placeholders, in order.
+            attention_mask: (B, T_total) 1 for real tokens, 0 for padding, over the text (and, optionally, the
+                memory columns in front of it).
+            position_ids: (B, T); derived from the text part of `attention_mask` when omitted.
+            use_memory: read the episodic memory into the LM's attention (default `config.use_memory`). It is read
+                on the first call of a sequence (empty or no cache) and travels in the returned [`MemoryCache`].
+            memory_state: read this state (batch B or 1) instead of the written one (see `MicroVLMEpisodicMemory`).
+            episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask: (B, E, ...) one episode
+                per row, written into a fresh memory that the row then reads: how the episodic-recall task trains
+                and is evaluated. `episode_mask` (B, E) marks real steps; padding steps are written with weight 0.
+                Implies `use_memory=True`.
+            kwargs: passed to the language model.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("MicroVLM.forward: give exactly one of input_ids or inputs_embeds")
+        image = None
+        if inputs_embeds is None:
+            inputs_embeds, image = self.fused_embeddings(input_ids, pixel_values, bool(output_attentions))
+        elif pixel_values is not None:
+            raise ValueError("MicroVLM.forward: pixel_values need input_ids to locate the image placeholders")
+
+        memory = None
+        first_call = past_key_values is None or past_key_values.get_seq_length() == 0
+        if first_call and episode_input_ids is not None:
+            use_memory = True
+            codes = self.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values)
+            weight = episode_mask.transpose(0, 1) if episode_mask is not None else 1.0
+            memory_state = self.memory.write_episodes(codes, weight)
+        if (self.config.use_memory if use_memory is None else use_memory) and first_call:
+            if _is_checkpointing(self.language_model) and self.training:
+                raise ValueError(
+                    "MicroVLM: the episodic memory reaches the LM as past_key_values, which transformers' gradient "
+                    "checkpointing drops. Train with use_memory=False, or disable gradient checkpointing."
+                )
+            memory = self.memory.read(self.memory_codes(inputs_embeds, attention_mask), memory_state)
+            # A fresh cache per sequence: caches are mutated in place, so one must never be reused.
+            past_key_values = MemoryCache(self.config.text_config, memory.key_values, memory.mask)
+
+        seq_len = inputs_embeds.shape[1]
+        text_mask = attention_mask
+        if isinstance(past_key_values, MemoryCache):
+            attention_mask = past_key_values.full_attention_mask(attention_mask, seq_len)
+            text_mask = attention_mask[:, past_key_values.num_memory_tokens :]
+        if position_ids is None and text_mask is not None and text_mask.dim() == 2:
+            position_ids = text_position_ids(text_mask, seq_len)
+
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            use_cache=use_cache,
+            output_attentions=output_attentions,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        return MicroVLMModelOutput(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image=image,
+            memory=memory,
+        )
+
+
+class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
+    """[`MicroVLMModel`] with the LM head, the composite loss, generation and the episodic-memory API."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: MicroVLMConfig):
+        super().__init__(config)
+        self.model = MicroVLMModel(config)
+        text = config.text_config
+        self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        # LM families name their embedding differently (GPT-2: `wte`): tie to whatever this one is called.
+        embedding = self.model.get_input_embeddings().weight
+        name = next(n for n, p in self.model.language_model.named_parameters() if p is embedding)
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{name}"}
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.lm_head = value
+
+    def get_image_features(self, pixel_values: torch.FloatTensor, output_attentions: bool = False) -> MicroVLMImageFeatures:
+        return self.model.get_image_features(pixel_values, output_attentions)
 
     def forward(
         self,
@@ -229,103 +343,54 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         **kwargs,
     ) -> MicroVLMCausalLMOutput:
         r"""
-        Args:
-            input_ids: (B, T) token ids; image placeholders (`config.image_token_id`) mark where the prefix goes.
-            pixel_values: (B_img, 3, H, W), one image per `num_image_tokens` placeholders, in order.
-            attention_mask: (B, T_total) 1 for real tokens, 0 for padding (left padding for generation).
-            position_ids: (B, T); derived from `attention_mask` over real tokens when omitted.
+        Args: as [`MicroVLMModel.forward`], plus
             labels: (B, T) next-token targets aligned with `input_ids` (shifted inside); -100 is ignored, and so are
                 image placeholders and padding whatever their label.
-            use_memory: read the episodic memory into the LM's attention (default `config.use_memory`). The memory
-                is read on the first call of a sequence (empty or no cache) and travels in the returned cache.
-            memory_state: read this state (batch B or 1) instead of the one written by `write_memory`; with neither
-                (and no episode), each row's own code is written alone first (Larimar's auto-encoding read).
-            episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask: (B, E, ...) one episode
-                per row, written into a fresh memory that the row then reads (see `write_episodes`); this is how
-                the episodic-recall task trains and is evaluated. Implies `use_memory=True`.
+            logits_to_keep: compute logits for the last N positions only (0: all).
             scope_labels: (B,) 1 where a row needs the memory, 0 where it does not; trains ScopeNet.
-            kwargs: passed to the language model.
         """
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("MicroVLM.forward: give exactly one of input_ids or inputs_embeds")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        text_embeds = inputs_embeds
-
-        image = None
-        if pixel_values is not None:
-            if input_ids is None:
-                raise ValueError("MicroVLM.forward: pixel_values need input_ids to locate the image placeholders")
-            image = self.get_image_features(pixel_values, output_attentions=bool(output_attentions))
-            placeholders = self.image_placeholder_mask(input_ids, pixel_values.shape[0])
-            inputs_embeds = inputs_embeds.masked_scatter(
-                placeholders.unsqueeze(-1), image.prefix.to(inputs_embeds.dtype)
-            )
-
-        use_memory = self.config.use_memory if use_memory is None else use_memory
-        memory = None
-        first_call = past_key_values is None or past_key_values.get_seq_length() == 0
-        if first_call and episode_input_ids is not None:
-            use_memory = True
-            memory_state = self.write_episodes(
-                episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask
-            )
-        if use_memory and first_call:
-            memory = self.read_memory(inputs_embeds, attention_mask, memory_state)
-            # A fresh cache per sequence: caches are mutated in place, so one must never be reused.
-            past_key_values = MemoryCache(self.config.text_config, memory.key_values, memory.mask)
-
-        seq_len = inputs_embeds.shape[1]
-        text_mask = attention_mask
-        if isinstance(past_key_values, MemoryCache):
-            attention_mask = past_key_values.full_attention_mask(attention_mask, seq_len)
-            text_mask = attention_mask[:, past_key_values.num_memory_tokens :]
-        if position_ids is None and text_mask is not None and text_mask.dim() == 2:
-            position_ids = text_position_ids(text_mask, seq_len)
-
-        outputs = self.language_model(
-            inputs_embeds=inputs_embeds,
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
             past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_attentions=output_attentions,
             output_hidden_states=output_hidden_states,
-            logits_to_keep=logits_to_keep,
+            use_memory=use_memory,
+            memory_state=memory_state,
+            episode_input_ids=episode_input_ids,
+            episode_attention_mask=episode_attention_mask,
+            episode_pixel_values=episode_pixel_values,
+            episode_mask=episode_mask,
             **kwargs,
         )
-
-        loss = lm_loss = alignment_loss = alignment_logits = None
+        hidden = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:] if isinstance(logits_to_keep, int) else hidden[:, logits_to_keep]
+        logits = self.lm_head(hidden)
+        image, memory = outputs.image, outputs.memory
+        # Masks may cover memory columns in front of the text; the loss terms look at the last T columns only.
+        text_mask = attention_mask
+        loss = lm_loss = alignment_loss = alignment_logits = scope_loss = None
         if labels is not None:
-            labels = self._text_only_labels(labels, input_ids, text_mask)
-            lm_loss = ForCausalLMLoss(outputs.logits, labels, self.config.text_config.vocab_size)
+            lm_loss = ForCausalLMLoss(logits, self._text_only_labels(labels, input_ids, text_mask), self.config.text_config.vocab_size)
             loss = self.config.lm_loss_weight * lm_loss
             if image is not None and self.config.alignment_loss_weight:
-                # Rows without an image (e.g. recall questions) take no part in the image–text pairs.
-                placeholders_per_row = (input_ids == self.config.image_token_id).sum(1)
-                with_image = placeholders_per_row > 0
-                if not bool((placeholders_per_row[with_image] == self.config.num_image_tokens).all()):
-                    raise ValueError(
-                        "MicroVLM alignment pairs one image with one text: a row holds several images. "
-                        "Set alignment_loss_weight=0 to train multi-image inputs."
-                    )
-                words = input_ids != self.config.image_token_id
-                if text_mask is not None:
-                    words = words & text_mask[:, -input_ids.shape[1] :].bool()
-                alignment_loss, alignment_logits = self.alignment(image.cls, text_embeds[with_image], words[with_image])
+                alignment_loss, alignment_logits = self._alignment(image, input_ids, text_mask)
                 loss = loss + self.config.alignment_loss_weight * alignment_loss
             if memory is not None:
                 loss = loss + self.config.memory_kl_weight * memory.memory_kl
                 loss = loss + self.config.addressing_kl_weight * memory.addressing_kl
-
-        scope_loss = None
         if memory is not None and scope_labels is not None:
             scope_loss = nn.functional.binary_cross_entropy(memory.gate.float(), scope_labels.float())
             loss = scope_loss * self.config.scope_loss_weight + (loss if loss is not None else 0.0)
 
         return MicroVLMCausalLMOutput(
             loss=loss,
-            logits=outputs.logits,
+            logits=logits,
             past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
@@ -341,120 +406,54 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         )
 
     def _text_only_labels(
-        self, labels: torch.LongTensor, input_ids: torch.LongTensor | None, attention_mask: torch.Tensor | None
+        self, labels: torch.LongTensor, input_ids: torch.LongTensor | None, text_mask: torch.Tensor | None
     ) -> torch.LongTensor:
         """Labels with image placeholders and padding set to -100, whatever the caller put there."""
         labels = labels.clone()
         if input_ids is not None:
             labels[input_ids == self.config.image_token_id] = -100
-        if attention_mask is not None and attention_mask.dim() == 2:
-            labels[attention_mask[:, -labels.shape[1] :] == 0] = -100
+        if text_mask is not None and text_mask.dim() == 2:
+            labels[text_mask[:, -labels.shape[1] :] == 0] = -100
         return labels
+
+    def _alignment(
+        self, image: MicroVLMImageFeatures, input_ids: torch.LongTensor, text_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """InfoNCE over the rows that hold an image (recall questions, say, have none)."""
+        placeholders_per_row = (input_ids == self.config.image_token_id).sum(1)
+        with_image = placeholders_per_row > 0
+        if not bool((placeholders_per_row[with_image] == self.config.num_image_tokens).all()):
+            raise ValueError(
+                "MicroVLM alignment pairs one image with one text: a row holds several images. "
+                "Set alignment_loss_weight=0 to train multi-image inputs."
+            )
+        words = input_ids != self.config.image_token_id
+        if text_mask is not None:
+            words = words & text_mask[:, -input_ids.shape[1] :].bool()
+        text_embeds = self.get_input_embeddings()(input_ids[with_image])
+        return self.model.alignment(image.cls, text_embeds, words[with_image])
 
     def embed_images_and_texts(
         self, pixel_values: torch.FloatTensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit-norm embeddings for retrieval: images (B_img, D) from the projected CLS, texts (B, D) from
         mean-pooled text-token embeddings (placeholders and padding excluded)."""
-        image_cls = self.get_image_features(pixel_values).cls
+        image_cls = self.model.get_image_features(pixel_values).cls
         text_mask = (input_ids != self.config.image_token_id) & attention_mask.bool()
         texts = masked_mean(self.get_input_embeddings()(input_ids), text_mask)
-        images = self.alignment.proj(image_cls)
+        images = self.model.alignment.proj(image_cls)
         return nn.functional.normalize(images.float(), dim=-1), nn.functional.normalize(texts.float(), dim=-1)
 
-    # ------------------------------------------------------------------ episodic memory
-
-    def memory_codes(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Pooled context (B, C): the mean of the fused prefix+text embeddings (B, T, C) over real tokens."""
-        if attention_mask is None:
-            return inputs_embeds.mean(1)
-        return masked_mean(inputs_embeds, attention_mask[:, -inputs_embeds.shape[1] :].bool())
-
-    def fused_embeddings(
-        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor | None = None
-    ) -> torch.Tensor:
-        """Token embeddings (B, T, C) with the image placeholders replaced by the adapter's prefix tokens."""
-        embeds = self.get_input_embeddings()(input_ids)
-        if pixel_values is None:
-            return embeds
-        prefix = self.get_image_features(pixel_values).prefix
-        mask = self.image_placeholder_mask(input_ids, pixel_values.shape[0]).unsqueeze(-1)
-        return embeds.masked_scatter(mask, prefix.to(embeds.dtype))
-
-    def write_episodes(
-        self,
-        episode_input_ids: torch.LongTensor,
-        episode_attention_mask: torch.Tensor,
-        episode_pixel_values: torch.FloatTensor | None = None,
-        episode_mask: torch.Tensor | None = None,
-    ) -> MemoryState:
-        """Write one episode per row into a fresh memory (from the learned prior); differentiable.
-
-        episode_input_ids, episode_attention_mask: (B, E, T) — step e of row b is one image+text (or text) input.
-        episode_pixel_values: (B, E, 3, H, W), one image per step, or None for text-only episodes.
-        episode_mask: (B, E) 1 for real steps, 0 for padding steps (written with weight 0, i.e. not at all).
-        Returns the posterior state, batch B.
-        """
-        batch, steps = episode_input_ids.shape[:2]
-        pixels = episode_pixel_values.flatten(0, 1) if episode_pixel_values is not None else None
-        flat_mask = episode_attention_mask.flatten(0, 1)
-        codes = self.memory_codes(self.fused_embeddings(episode_input_ids.flatten(0, 1), pixels), flat_mask)
-        codes = codes.view(batch, steps, -1).transpose(0, 1)  # (E, B, C)
-        weight = episode_mask.transpose(0, 1) if episode_mask is not None else 1.0
-        return self.memory.write(codes, self.memory.prior(batch), weight=weight)
-
-    def read_memory(
-        self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None, memory_state: MemoryState | None
-    ) -> MemoryRead:
-        """Read the memory for each row and project the read-outs to per-layer key/values.
-
-        The state read is `memory_state`, else the one written by `write_memory`, else each row's own code
-        written alone (so a row's output never depends on its neighbours).
-        """
-        if _is_checkpointing(self.language_model) and self.training:
-            raise ValueError(
-                "MicroVLM: the episodic memory reaches the LM as past_key_values, which transformers' gradient "
-                "checkpointing drops. Train with use_memory=False, or disable gradient checkpointing."
-            )
-        codes = self.memory_codes(inputs_embeds, attention_mask)  # (B, C)
-        batch = codes.shape[0]
-        state = memory_state if memory_state is not None else self.episodic_state
-        if state is None:
-            state = self.memory.write(codes.unsqueeze(0), self.memory.prior(batch))
-        readout, kl_terms = self.memory.read(codes.unsqueeze(0), self._broadcast_state(state, batch))
-        gate = self.scope_net(codes)
-        key_values = self.memory_projection(readout[0].unsqueeze(1).to(inputs_embeds.dtype))
-        num_memory_tokens = key_values[0][0].shape[2]
-        if self.training:  # soft gate: ScopeNet also learns from the LM loss, through the memory's values
-            soft = gate.to(inputs_embeds.dtype).view(-1, 1, 1, 1)
-            key_values = tuple((key, value * soft) for key, value in key_values)
-            mask = torch.ones(batch, num_memory_tokens, dtype=torch.long, device=codes.device)
-        else:  # hard gate: a masked memory column is exactly "no memory" for that row
-            mask = (gate >= self.config.scope_threshold).long().unsqueeze(1).expand(-1, num_memory_tokens)
-        return MemoryRead(
-            key_values=key_values,
-            mask=mask,
-            gate=gate,
-            memory_kl=kl_terms["memory_kl"],
-            addressing_kl=kl_terms["addressing_kl"],
-        )
-
-    @staticmethod
-    def _broadcast_state(state: MemoryState, batch: int) -> MemoryState:
-        if state.mean.shape[0] == batch:
-            return state
-        if state.mean.shape[0] != 1:
-            raise ValueError(f"MicroVLM memory holds {state.mean.shape[0]} episodes but the batch has {batch} rows")
-        return MemoryState(state.mean.expand(batch, -1, -1), state.cov.expand(batch, -1, -1))
+    # ------------------------------------------------------------------ episodic memory at inference
 
     @property
     def memory_state(self) -> MemoryState:
-        """The current episodic memory (M (1, K, C), Σ (1, K, K)); the learned prior when nothing was written."""
-        return self.episodic_state if self.episodic_state is not None else self.memory.prior(1)
+        """The written episodic memory (M (1, K, C), Σ (1, K, K)); the learned prior when nothing was written."""
+        return self.model.memory.current_state
 
     def reset_memory(self) -> None:
-        """Forget every episode written since loading (reads fall back to the batch itself)."""
-        self.episodic_state = None
+        """Forget every episode written since loading."""
+        self.model.memory.reset()
 
     @torch.no_grad()
     def write_memory(
@@ -466,23 +465,17 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
     ) -> MemoryState:
         """Write one episode: row i of the batch is step i. `weight=-1` removes what a `+1` write of the same
         inputs added (Larimar's selective forgetting). The memory persists across `generate` calls until
-        `reset_memory()`."""
-        codes = self.memory_codes(self.fused_embeddings(input_ids, pixel_values), attention_mask)
-        self.episodic_state = self.memory.write(codes.unsqueeze(1), self.memory_state, weight=weight)
-        return self.episodic_state
+        `reset_memory()`, and `generate`/`forward` read it whenever the memory is on."""
+        embeds, _ = self.model.fused_embeddings(input_ids, pixel_values)
+        return self.model.memory.write(self.model.memory_codes(embeds, attention_mask), weight=weight)
 
     def save_memory(self, save_directory: str | os.PathLike) -> None:
-        """Save the written episodic memory beside the weights (`memory_state.safetensors`)."""
-        state = self.memory_state
-        save_file({"mean": state.mean.contiguous(), "cov": state.cov.contiguous()}, os.path.join(save_directory, MEMORY_STATE_FILE))
+        """Save the written memory beside the weights (`memory_state.safetensors`); `save_pretrained` does not."""
+        self.model.memory.save(save_directory)
 
     def load_memory(self, save_directory: str | os.PathLike) -> None:
-        """Load a memory saved by `save_memory`; raises if the folder has none."""
-        path = os.path.join(save_directory, MEMORY_STATE_FILE)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No episodic memory in {save_directory}: expected {MEMORY_STATE_FILE}")
-        tensors = load_file(path, device=str(self.device))
-        self.episodic_state = MemoryState(tensors["mean"], tensors["cov"])
+        """Load a memory saved by `save_memory`; raises FileNotFoundError if the folder has none."""
+        self.model.memory.load(save_directory)
 
     def prepare_inputs_for_generation(self, *args, pixel_values=None, is_first_iteration=False, **kwargs):
         # The image prefix is computed once: pixel_values go to the first forward only (or to every forward when
@@ -503,8 +496,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         """Build a MicroVLM whose vision tower and language model start from pretrained weights.
 
         `vision_model` and `language_model` are hub ids (needs internet) or local folders written by
-        `save_pretrained`. The adapter and alignment head start from scratch. `image_token_id` defaults to
-        Qwen's `<|image_pad|>` (151655), or to the config default for other tokenizers.
+        `save_pretrained`. The adapter, alignment head and memory start from scratch. `image_token_id` defaults to
+        Qwen's `<|image_pad|>` (151655).
         """
         config_overrides.setdefault("vision_tower_kwargs", {})
         vision = AutoModel.from_pretrained(vision_model, **config_overrides["vision_tower_kwargs"])
@@ -513,9 +506,10 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             config_overrides["image_token_id"] = image_token_id
         config = MicroVLMConfig(vision_config=vision.config, text_config=language.config, **config_overrides)
         model = cls(config)
-        model.vision_tower.load_state_dict(vision.state_dict())
-        model.language_model.load_state_dict(language.state_dict())
+        model.model.vision_tower.load_state_dict(vision.state_dict())
+        model.model.language_model.load_state_dict(language.base_model.state_dict())
+        model.lm_head.load_state_dict(language.get_output_embeddings().state_dict())
         return model
 
 
-__all__ = ["MicroVLMForCausalLM", "MicroVLMPreTrainedModel"]
+__all__ = ["MicroVLMForCausalLM", "MicroVLMModel", "MicroVLMPreTrainedModel"]

@@ -92,31 +92,49 @@ class MicroVLMProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values"]
 
     def __call__(self, images=None, text=None, return_tensors: str | None = "pt", padding: bool | str = True, **kwargs) -> BatchFeature:
-        """`images`: one image or a list (one per text); `text`: a string or a list. A text with a placeholder
-        gets it expanded to `num_image_tokens`; a text without one, given an image, gets them in front."""
+        """Tokenise texts and preprocess their images (one image per text at most).
+
+        `images`: one image, a list with one image per text, or a list with one list per text holding zero or one
+        image (the nested form chat templates produce). `text`: a string or a list. A text with a placeholder gets
+        it expanded to `num_image_tokens`; a text without one, given an image, gets them in front.
+        """
         if images is None and text is None:
             raise ValueError("MicroVLMProcessor: give images, text, or both")
         texts = [text] if isinstance(text, str) else list(text) if text is not None else None
-        image_list = None if images is None else images if isinstance(images, (list, tuple)) else [images]
+        image_list = None if images is None else list(images) if isinstance(images, (list, tuple)) else [images]
         if texts is None:
             texts = [""] * len(image_list)
-        if texts is not None and not all(isinstance(t, str) for t in texts):
+        if not all(isinstance(t, str) for t in texts):
             raise ValueError(f"MicroVLMProcessor: text must be a string or a list of strings, got {type(text).__name__}")
+        per_text = [None] * len(texts) if image_list is None else self._one_image_per_text(image_list, len(texts))
         data: dict[str, Any] = {}
-        if image_list is not None:
-            placeholders = [t.count(self.image_token) for t in texts]
-            if len(image_list) != len(texts):
-                raise ValueError(f"MicroVLMProcessor: got {len(image_list)} images for {len(texts)} texts; give one image per text")
-            if any(count > 1 for count in placeholders):
-                raise ValueError(f"MicroVLMProcessor: a text holds more than one {self.image_token!r}; one image per text")
-            texts = [t if count else self.image_token + t for t, count in zip(texts, placeholders)]
-            rgb = [to_rgb_image(image, index) for index, image in enumerate(image_list)]
-            data.update(self.image_processor(rgb, return_tensors=return_tensors))
-        elif any(self.image_token in t for t in texts):
-            raise ValueError(f"MicroVLMProcessor: the text holds {self.image_token!r} but no image was given")
-        expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in texts]
+        prompts = []
+        for index, (prompt, image) in enumerate(zip(texts, per_text)):
+            count = prompt.count(self.image_token)
+            if count > 1:
+                raise ValueError(f"MicroVLMProcessor: text {index} holds more than one {self.image_token!r}; one image per text")
+            if image is None and count:
+                raise ValueError(f"MicroVLMProcessor: text {index} holds {self.image_token!r} but no image was given for it")
+            prompts.append(prompt if count or image is None else self.image_token + prompt)
+        present = [to_rgb_image(image, index) for index, image in enumerate(per_text) if image is not None]
+        if present:
+            data.update(self.image_processor(present, return_tensors=return_tensors))
+        expanded = [t.replace(self.image_token, self.image_token * self.num_image_tokens) for t in prompts]
         data.update(self.tokenizer(expanded, return_tensors=return_tensors, padding=padding, **kwargs))
         return BatchFeature(data=data, tensor_type=return_tensors)
+
+    @staticmethod
+    def _one_image_per_text(images: list, num_texts: int) -> list:
+        if len(images) != num_texts:
+            raise ValueError(f"MicroVLMProcessor: got {len(images)} images for {num_texts} texts; give one image per text")
+        flat = []
+        for index, item in enumerate(images):
+            if isinstance(item, (list, tuple)):
+                if len(item) > 1:
+                    raise ValueError(f"MicroVLMProcessor: text {index} has {len(item)} images; one image per text")
+                item = item[0] if item else None
+            flat.append(item)
+        return flat
 
     def batch_decode(self, *args, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)

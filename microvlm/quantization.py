@@ -11,7 +11,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 # MicroVLM's own trainable parts stay in full precision; only the vision tower and the LM body are quantised.
-SKIP_MODULES = ["adapter", "alignment", "memory", "memory_projection", "scope_net", "lm_head"]
+SKIP_MODULES = ["adapter", "alignment", "memory", "lm_head"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -49,7 +49,7 @@ def add_qlora(model, rank: int = 16, alpha: int = 32, dropout: float = 0.05, tra
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    targets = rf"language_model\..*\.({'|'.join(LORA_TARGETS)})"
+    targets = rf"model\.language_model\..*\.({'|'.join(LORA_TARGETS)})"
     config = LoraConfig(
         r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, modules_to_save=trainable_modules
     )

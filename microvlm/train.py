@@ -102,9 +102,9 @@ def freeze_for_stage(model: MicroVLMForCausalLM, groups: list[str], trainable_lm
         if group_of(name) in groups:
             param.requires_grad_(True)
     if trainable_lm_layers:
-        model.language_model.model.layers[-trainable_lm_layers:].requires_grad_(True)
+        model.model.language_model.layers[-trainable_lm_layers:].requires_grad_(True)
     # The temperature stays fixed unless the config says it is learnable, whatever the groups say.
-    model.alignment.log_logit_scale.requires_grad_(model.config.alignment_learnable_temperature)
+    model.model.alignment.log_logit_scale.requires_grad_(model.config.alignment_learnable_temperature)
     counts: dict[str, int] = {}
     for name, param in model.named_parameters():
         if param.requires_grad:

@@ -50,7 +50,7 @@ def test_a_padded_batch_gives_each_row_the_tokens_it_gets_alone(tiny_model, tiny
 @torch.no_grad()
 def test_the_image_prefix_is_computed_once_per_generate(tiny_model, tiny_config):
     calls = []
-    hook = tiny_model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
+    hook = tiny_model.model.vision_tower.register_forward_hook(lambda *_: calls.append(1))
     try:
         generate_greedy(tiny_model, make_inputs(tiny_config, [4, 4]), 5)
     finally:

@@ -17,13 +17,13 @@ def memory_model() -> MicroVLMForCausalLM:
     torch.manual_seed(0)
     model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny", use_memory=True, scope_threshold=0.0)).eval()
     with torch.no_grad():  # a memory whose effect on the logits is large enough to see
-        model.memory_projection.proj.weight.mul_(20)
+        model.model.memory.projection.proj.weight.mul_(20)
     return model
 
 
 def memory_kv_shapes(model, inputs) -> list[tuple[int, ...]]:
-    embeds = model.fused_embeddings(inputs["input_ids"], inputs["pixel_values"])
-    read = model.read_memory(embeds, inputs["attention_mask"], None)
+    embeds, _ = model.model.fused_embeddings(inputs["input_ids"], inputs["pixel_values"])
+    read = model.model.memory.read(model.model.memory_codes(embeds, inputs["attention_mask"]))
     return [tuple(key.shape) for key, _ in read.key_values] + [tuple(value.shape) for _, value in read.key_values]
 
 
@@ -47,7 +47,7 @@ def test_reference_preset_memory_is_shaped_for_two_kv_heads_of_64():
     config = MicroVLMConfig.from_preset("microvlm-v")
     with torch.device("meta"):
         model = MicroVLMForCausalLM(config)
-        key_values = model.memory_projection(torch.zeros(3, 1, 896))
+        key_values = model.model.memory.projection(torch.zeros(3, 1, 896))
     assert len(key_values) == 24
     assert all(key.shape == (3, 2, 1, 64) and value.shape == (3, 2, 1, 64) for key, value in key_values)
 
@@ -57,12 +57,12 @@ def test_zero_projection_gives_zero_memory_key_values(memory_model):
     inputs = make_inputs(memory_model.config, [5, 3])
     without = memory_model(**inputs, use_memory=False).logits
     assert not torch.allclose(memory_model(**inputs, use_memory=True).logits, without, atol=1e-3)
-    memory_model.memory_projection.proj.weight.zero_()
-    memory_model.memory_projection.proj.bias.zero_()
+    memory_model.model.memory.projection.proj.weight.zero_()
+    memory_model.model.memory.projection.proj.bias.zero_()
     # A zeroed W_M gives all-zero memory keys and values. Under softmax attention a zero key still takes weight
     # exp(0)/Z, so this is not "no memory"; masking the memory columns is (next test).
-    embeds = memory_model.fused_embeddings(inputs["input_ids"], inputs["pixel_values"])
-    read = memory_model.read_memory(embeds, inputs["attention_mask"], None)
+    embeds, _ = memory_model.model.fused_embeddings(inputs["input_ids"], inputs["pixel_values"])
+    read = memory_model.model.memory.read(memory_model.model.memory_codes(embeds, inputs["attention_mask"]))
     assert all(not key.any() and not value.any() for key, value in read.key_values)
 
 
@@ -88,7 +88,7 @@ def test_generation_with_memory_equals_a_no_cache_loop_with_the_same_memory(memo
 @torch.no_grad()
 def test_the_memory_is_read_once_per_generate(memory_model):
     calls = []
-    hook = memory_model.memory_projection.register_forward_hook(lambda *_: calls.append(1))
+    hook = memory_model.model.memory.projection.register_forward_hook(lambda *_: calls.append(1))
     try:
         memory_model.generate(**make_inputs(memory_model.config, [4]), max_new_tokens=5, min_new_tokens=5, use_memory=True)
     finally:
@@ -129,8 +129,9 @@ def test_gradients_reach_the_projection_scope_net_lstm_and_prior_when_memory_is_
     )
     assert torch.isfinite(out.memory_kl) and torch.isfinite(out.addressing_kl) and out.scope_loss is not None
     out.loss.backward()
-    for name in ("memory_projection.proj.weight", "scope_net.net.0.weight", "memory.lstm.weight_ih_l0",
-                 "memory.prior_mean", "memory.prior_log_variance", "memory.addressing_log_variance"):
+    for name in ("projection.proj.weight", "scope_net.net.0.weight", "larimar.lstm.weight_ih_l0",
+                 "larimar.prior_mean", "larimar.prior_log_variance", "larimar.addressing_log_variance"):
+        name = "model.memory." + name
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
 

@@ -22,17 +22,18 @@ def test_reference_preset_parameter_counts_match_deit_tiny_and_qwen2_5_0_5b():
         deit_classifier = DeiTForImageClassification(DeiTConfig(**{**config.vision_config.to_dict(), "num_labels": 1000}))
     # DeiT-Tiny's published 5.7M includes its 1000-class head, which MicroVLM does not use.
     assert round(count(deit_classifier) / 1e6, 1) == 5.7
-    assert count(model.vision_tower) == count(deit_classifier) - count(deit_classifier.classifier)
-    assert round(count(model.language_model) / 1e6, 1) == 494.0  # Qwen2.5-0.5B, tied embeddings counted once
-    adapter = {name: count(child) for name, child in model.adapter.named_children()}
-    adapter["queries+positions"] = model.adapter.queries.numel() + model.adapter.position_embeddings.numel()
+    assert count(model.model.vision_tower) == count(deit_classifier) - count(deit_classifier.classifier)
+    language = count(model.model.language_model) + (0 if model.config.tie_word_embeddings else count(model.lm_head))
+    assert round(language / 1e6, 1) == 494.0  # Qwen2.5-0.5B, tied embeddings counted once
+    adapter = {name: count(child) for name, child in model.model.adapter.named_children()}
+    adapter["queries+positions"] = model.model.adapter.queries.numel() + model.model.adapter.position_embeddings.numel()
     hidden = 896
     assert adapter["input_proj"] == 192 * hidden + hidden
     assert adapter["mlp"] == (hidden * 2 * hidden + 2 * hidden) + (2 * hidden * hidden + hidden)
     assert adapter["pool"] == 4 * hidden * hidden + 4 * hidden
     assert adapter["queries+positions"] == 2 * 25 * hidden
     # The seeds' 3.43M is the adapter without the pooling attention's own projections.
-    assert round((count(model.adapter) - adapter["pool"]) / 1e6, 2) == 3.43
+    assert round((count(model.model.adapter) - adapter["pool"]) / 1e6, 2) == 3.43
 
 
 def test_forward_shapes_and_loss_components(tiny_model, tiny_config):
@@ -75,21 +76,22 @@ def test_alignment_loss_uses_projected_cls_and_mean_of_real_text_tokens(tiny_mod
     inputs = make_inputs(tiny_config, [4, 7, 2])
     out = tiny_model(**inputs, labels=inputs["input_ids"])
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    cls = tiny_model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
+    cls = tiny_model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
     embeds = tiny_model.get_input_embeddings()(ids)
     texts = torch.stack([embeds[r][(mask[r] == 1) & (ids[r] != tiny_config.image_token_id)].mean(0) for r in range(3)])
-    expected, _ = info_nce(tiny_model.alignment.proj(cls), texts, torch.tensor(1 / tiny_config.alignment_temperature))
+    expected, _ = info_nce(tiny_model.model.alignment.proj(cls), texts, torch.tensor(1 / tiny_config.alignment_temperature))
     torch.testing.assert_close(out.alignment_loss, expected)
 
 
 def test_gradients_reach_adapter_and_alignment_but_not_frozen_towers(tiny_model, tiny_config):
     tiny_model.train()
-    tiny_model.vision_tower.requires_grad_(False)
-    tiny_model.language_model.requires_grad_(False)
+    tiny_model.model.vision_tower.requires_grad_(False)
+    tiny_model.model.language_model.requires_grad_(False)
+    tiny_model.lm_head.requires_grad_(False)
     inputs = make_inputs(tiny_config, [5, 5])
     tiny_model(**inputs, labels=inputs["input_ids"]).loss.backward()
     for name, param in tiny_model.named_parameters():
-        trained = name.startswith(("adapter.", "alignment.proj."))
+        trained = name.startswith(("model.adapter.", "model.alignment.proj."))
         assert (param.grad is not None and param.grad.abs().sum() > 0) == trained, name
 
 
@@ -110,8 +112,8 @@ def test_pretrained_backbones_load_from_local_folders(tmp_path, tiny_config):
         tmp_path / "vision", tmp_path / "language", image_token_id=3, vision_tower_kwargs={"add_pooling_layer": False}
     )
     for name, tensor in vision.state_dict().items():
-        torch.testing.assert_close(model.vision_tower.state_dict()[name], tensor)
-    for name, tensor in language.state_dict().items():
-        torch.testing.assert_close(model.language_model.state_dict()[name], tensor)
+        torch.testing.assert_close(model.model.vision_tower.state_dict()[name], tensor)
+    for name, tensor in language.model.state_dict().items():
+        torch.testing.assert_close(model.model.language_model.state_dict()[name], tensor)
     assert model.config.num_image_tokens == tiny_config.num_image_tokens
-    assert model.language_model.lm_head.weight is model.get_input_embeddings().weight
+    assert model.lm_head.weight is model.get_input_embeddings().weight

@@ -49,12 +49,13 @@ def test_save_writes_safetensors_auto_map_and_the_remote_code_modules(tiny_model
     config = json.loads((tmp_path / "config.json").read_text())
     for auto in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"):
         assert auto in config["auto_map"]
-    modules = {"configuration_microvlm.py", "modeling_microvlm.py", "vision_adapter.py", "alignment.py"}
+    modules = {"configuration_microvlm.py", "modeling_microvlm.py", "vision_adapter.py", "alignment.py",
+               "episodic_memory.py", "larimar_memory.py", "memory_injection.py", "memory_cache.py"}
     assert modules <= {p.name for p in tmp_path.iterdir()}
     with safe_open(tmp_path / "model.safetensors", "pt") as weights:
         names = set(weights.keys())
     # The tied LM head is stored once, as the embedding matrix.
-    assert "language_model.model.embed_tokens.weight" in names and "language_model.lm_head.weight" not in names
+    assert "model.language_model.embed_tokens.weight" in names and "lm_head.weight" not in names
 
 
 @torch.no_grad()
@@ -63,7 +64,7 @@ def test_in_process_round_trip_keeps_logits_and_ties(tiny_model, tiny_config, tm
     loaded = MicroVLMForCausalLM.from_pretrained(tmp_path).eval()
     inputs = make_inputs(tiny_config, [5, 2])
     assert torch.equal(loaded(**inputs).logits, tiny_model(**inputs).logits)
-    assert loaded.language_model.lm_head.weight is loaded.get_input_embeddings().weight
+    assert loaded.lm_head.weight is loaded.get_input_embeddings().weight
 
 
 @torch.no_grad()
