@@ -11,7 +11,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 # MicroVLM's own trainable parts stay in full precision; only the vision tower and the LM body are quantised.
-SKIP_MODULES = ["adapter", "alignment", "memory", "lm_head"]
+SKIP_MODULES = ["model.adapter", "model.alignment", "model.memory", "lm_head"]
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 

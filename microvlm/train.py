@@ -16,11 +16,12 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from .callbacks import GradientFlowCallback, MemoryCheckpointCallback
+from .callbacks import GradientFlowCallback, MemoryCheckpointCallback, group_of
 from .configuration_microvlm import MicroVLMConfig
 from .data.collator import MicroVLMCollator
 from .modeling_microvlm import MicroVLMForCausalLM
 from .processing_microvlm import MicroVLMProcessor
+from .quantization import add_qlora, nf4_quantization_config
 from .trainer import MicroVLMTrainer
 
 logger = logging.getLogger("microvlm.train")
@@ -41,6 +42,8 @@ class ModelArguments:
         metadata={"help": "comma-separated module groups to train: vision, adapter, alignment, memory, scope_net, language"},
     )
     trainable_lm_layers: int = field(default=0, metadata={"help": "also train the last N decoder layers of the LM"})
+    load_in_4bit: bool = field(default=False, metadata={"help": "NF4 4-bit frozen vision tower and LM (bitsandbytes)"})
+    lora_rank: int = field(default=0, metadata={"help": "QLoRA on the LM's seven projections with this rank (0: off)"})
 
 
 @dataclass
@@ -86,20 +89,20 @@ def stage_defaults(stage: str, recipe: str | None) -> dict[str, Any]:
 
 def parse(argv: list[str], stage: str, recipe: str | None):
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
+    # remove_unused_columns=False: the collator needs the raw columns (images, episodes), not the model's
+    # signature. use_cpu on CPU-only machines: that is what makes torchrun/accelerate start gloo DDP there.
     defaults = {"output_dir": "outputs/microvlm", "remove_unused_columns": False, "report_to": "none",
                 "save_strategy": "steps", "eval_strategy": "steps", "logging_strategy": "steps",
-                **stage_defaults(stage, recipe)}
+                "use_cpu": not torch.cuda.is_available(), **stage_defaults(stage, recipe)}
     parser.set_defaults(**defaults)
     return parser.parse_args_into_dataclasses(args=argv)
 
 
 def freeze_for_stage(model: MicroVLMForCausalLM, groups: list[str], trainable_lm_layers: int) -> dict[str, int]:
     """Train only the named groups (plus the last `trainable_lm_layers` LM layers); returns trainable counts."""
-    from .callbacks import group_of
-
     model.requires_grad_(False)
     for name, param in model.named_parameters():
-        if group_of(name) in groups:
+        if group_of(name) in groups and param.is_floating_point():  # 4-bit weights are frozen by nature
             param.requires_grad_(True)
     if trainable_lm_layers:
         model.model.language_model.layers[-trainable_lm_layers:].requires_grad_(True)
@@ -112,13 +115,25 @@ def freeze_for_stage(model: MicroVLMForCausalLM, groups: list[str], trainable_lm
     return counts
 
 
-def build_model(model_args: ModelArguments) -> MicroVLMForCausalLM:
-    if model_args.init_from:
-        model = MicroVLMForCausalLM.from_pretrained(model_args.init_from)
-    elif model_args.vision_model and model_args.language_model:
-        model = MicroVLMForCausalLM.from_pretrained_backbones(model_args.vision_model, model_args.language_model)
-    else:
-        model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(model_args.preset))
+def build_model(model_args: ModelArguments, training_args: TrainingArguments) -> MicroVLMForCausalLM:
+    """The stage's starting model: a saved folder, pretrained backbones, or a preset built from its config.
+
+    With `load_in_4bit`, the vision tower and LM body are loaded in NF4 (from the folder, or from a copy of the
+    freshly built model saved under `<output_dir>/initial`); MicroVLM's own parts stay in full precision.
+    """
+    source = model_args.init_from
+    if source is None:
+        if model_args.vision_model and model_args.language_model:
+            model = MicroVLMForCausalLM.from_pretrained_backbones(model_args.vision_model, model_args.language_model)
+        else:
+            model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(model_args.preset))
+        if not model_args.load_in_4bit:
+            model.config.use_memory = model_args.use_memory
+            return model
+        source = str(Path(training_args.output_dir) / "initial")
+        model.save_pretrained(source)
+    quantization = nf4_quantization_config(training_args.device) if model_args.load_in_4bit else None
+    model = MicroVLMForCausalLM.from_pretrained(source, quantization_config=quantization)
     model.config.use_memory = model_args.use_memory
     return model
 
@@ -150,14 +165,18 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
     return train, None
 
 
-def run_stage(stage: str, argv: list[str], recipe: str | None, init_from: str | None = None) -> str:
+def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: str | None = None) -> MicroVLMTrainer:
+    """Everything a stage needs, ready to `train()`: model, processor, data, collator, callbacks."""
     model_args, data_args, run_args, training_args = parse(argv, stage, recipe)
     if init_from is not None:
         model_args.init_from = init_from
     set_seed(training_args.seed)
-    model = build_model(model_args)
+    model = build_model(model_args, training_args)
     processor = build_processor(model_args)
-    counts = freeze_for_stage(model, [g.strip() for g in model_args.train_groups.split(",")], model_args.trainable_lm_layers)
+    groups = [g.strip() for g in model_args.train_groups.split(",")]
+    counts = freeze_for_stage(model, groups, model_args.trainable_lm_layers)
+    if model_args.lora_rank:
+        model = add_qlora(model, rank=model_args.lora_rank, trainable_modules=[g for g in groups if g != "language"])
     logger.info("%s: trainable parameters by group %s", stage, counts)
     train_dataset, eval_dataset = build_datasets(data_args, model.config.vision_config.image_size, training_args.seed)
     if eval_dataset is None:
@@ -165,7 +184,7 @@ def run_stage(stage: str, argv: list[str], recipe: str | None, init_from: str | 
     collator = MicroVLMCollator(
         processor, with_episodes=model_args.use_memory, episode_size=data_args.episode_size, max_length=data_args.max_length
     )
-    trainer = MicroVLMTrainer(
+    return MicroVLMTrainer(
         model=model,
         args=training_args,
         train_dataset=train_dataset,
@@ -174,13 +193,18 @@ def run_stage(stage: str, argv: list[str], recipe: str | None, init_from: str | 
         processing_class=processor,
         callbacks=[GradientFlowCallback(run_args.gradient_flow_steps), MemoryCheckpointCallback()],
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    trainer.save_model(training_args.output_dir)
+
+
+def run_stage(stage: str, argv: list[str], recipe: str | None, init_from: str | None = None) -> str:
+    """Train one stage and save its final model + processor; returns the output folder."""
+    trainer = build_trainer(stage, argv, recipe, init_from)
+    trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    trainer.save_model(trainer.args.output_dir)
     if trainer.is_world_process_zero():
         trainer.save_state()
         summary = {k: v for k, v in trainer.state.log_history[-1].items() if isinstance(v, (int, float))}
-        logger.info("%s done: %s → %s", stage, summary, training_args.output_dir)
-    return training_args.output_dir
+        logger.info("%s done: %s → %s", stage, summary, trainer.args.output_dir)
+    return trainer.args.output_dir
 
 
 def main(argv: list[str] | None = None) -> list[str]:
