@@ -67,6 +67,7 @@ class MicroVLMConfig(PretrainedConfig):
             Weights of the loss terms: LM + α·InfoNCE + β·memory KL + γ·addressing KL.
         use_memory (`bool`), memory_num_slots (`int`), memory_episode_size (`int`), memory_* :
             Larimar episodic memory settings (see `larimar_memory.py`).
+        memory_use_bitnet (`bool`): BitNet b1.58 ternary weights (8-bit activations) for W_M and ScopeNet.
         scope_hidden_size (`int`), scope_threshold (`float`): ScopeNet gate width and inference threshold.
         scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_labels`, when a batch carries them.
     """
@@ -101,6 +102,7 @@ class MicroVLMConfig(PretrainedConfig):
         memory_pinv_steps: int = 15,
         memory_use_lstm: bool = False,
         memory_tokens_per_read: int = 1,
+        memory_use_bitnet: bool = False,
         scope_hidden_size: int = 256,
         scope_threshold: float = 0.5,
         scope_loss_weight: float = 0.1,
@@ -131,6 +133,7 @@ class MicroVLMConfig(PretrainedConfig):
         self.memory_pinv_steps = memory_pinv_steps
         self.memory_use_lstm = memory_use_lstm
         self.memory_tokens_per_read = memory_tokens_per_read
+        self.memory_use_bitnet = memory_use_bitnet
         self.scope_hidden_size = scope_hidden_size
         self.scope_threshold = scope_threshold
         self.scope_loss_weight = scope_loss_weight

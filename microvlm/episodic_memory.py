@@ -12,6 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.modeling_outputs import ModelOutput
 
+from .bitnet import convert_linear_to_bitlinear
 from .configuration_microvlm import MicroVLMConfig
 from .larimar_memory import LarimarMemory, MemoryState
 from .memory_injection import MemoryKVProjection, ScopeNet
@@ -58,6 +59,8 @@ class MicroVLMEpisodicMemory(nn.Module):
             tokens_per_read=config.memory_tokens_per_read,
         )
         self.scope_net = ScopeNet(hidden, config.scope_hidden_size)
+        if config.memory_use_bitnet:  # BitNet b1.58 ternary W_M and ScopeNet (same parameter names)
+            convert_linear_to_bitlinear(self, names=["projection", "scope_net"])
         self.state: MemoryState | None = None
 
     def write_episodes(self, codes: torch.Tensor, weight: float | torch.Tensor = 1.0) -> MemoryState:

@@ -26,6 +26,7 @@ from .memory_cache import MemoryCache
 
 # transformers 5.0 copies only the direct relative imports of a local remote-code folder: name every module the
 # model needs here, even those only used through another one.
+from .bitnet import BitLinear  # noqa: F401
 from .memory_injection import MemoryKVProjection, ScopeNet  # noqa: F401
 from .vision_adapter import MicroVLMVisionAdapter
 

@@ -5,6 +5,8 @@ from collections import defaultdict
 import torch
 from transformers import Trainer
 
+from .bitnet import quantisation_stats
+
 # Output fields of MicroVLMCausalLMOutput that are logged (averaged over the steps between two log lines).
 LOGGED_TERMS = ("lm_loss", "alignment_loss", "memory_kl", "addressing_kl", "scope_loss", "scope_gate")
 
@@ -42,6 +44,7 @@ class MicroVLMTrainer(Trainer):
             for callback in self.callback_handler.callbacks:
                 if hasattr(callback, "pop_metrics"):
                     logs.update(callback.pop_metrics())
+            logs.update(quantisation_stats(self.model))
         super().log(logs, *args, **kwargs)
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
