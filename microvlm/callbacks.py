@@ -87,3 +87,47 @@ class MemoryCheckpointCallback(TrainerCallback):
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):
             model.save_memory(folder)
+
+
+class VisualisationCallback(TrainerCallback):
+    """Every `every_n_steps` steps, draws `visualisation.figures_for` on a fixed batch: PNGs under
+    `<output_dir>/visualisations/`, and to TensorBoard / W&B when `report_to` names them."""
+
+    def __init__(self, batch: dict, every_n_steps: int = 200):
+        self.batch, self.every_n_steps = batch, every_n_steps
+        self._tensorboard = None
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if model is None or state.global_step % self.every_n_steps or not state.is_world_process_zero:
+            return
+        from .visualisation import figures_for
+
+        import matplotlib.pyplot as plt
+
+        folder = Path(args.output_dir) / "visualisations"
+        folder.mkdir(parents=True, exist_ok=True)
+        was_training = model.training
+        model.eval()
+        batch = {k: v.to(model.device) for k, v in self.batch.items()}
+        try:
+            figures = figures_for(model, batch)
+        finally:
+            model.train(was_training)
+        for name, figure in figures.items():
+            figure.savefig(folder / f"step{state.global_step:06d}_{name}.png", dpi=90)
+            self._report(args, state.global_step, name, figure)
+            plt.close(figure)
+
+    def _report(self, args, step: int, name: str, figure) -> None:
+        report_to = args.report_to or []
+        if "tensorboard" in report_to:
+            if self._tensorboard is None:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tensorboard = SummaryWriter(log_dir=args.logging_dir)
+            self._tensorboard.add_figure(f"visualisations/{name}", figure, global_step=step)
+        if "wandb" in report_to:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({f"visualisations/{name}": wandb.Image(figure)}, step=step)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from .callbacks import GradientFlowCallback, MemoryCheckpointCallback, group_of
+from .callbacks import GradientFlowCallback, MemoryCheckpointCallback, VisualisationCallback, group_of
 from .configuration_microvlm import MicroVLMConfig
 from .data.collator import MicroVLMCollator
 from .modeling_microvlm import MicroVLMForCausalLM
@@ -65,6 +65,7 @@ class RunArguments:
     stage: str = field(default="stage1", metadata={"help": "stage1, stage2 or both"})
     recipe: str | None = field(default=None, metadata={"help": "named recipe in configs/: demo, test"})
     gradient_flow_steps: int = field(default=50, metadata={"help": "log gradient flow every N steps"})
+    visualisation_steps: int = field(default=200, metadata={"help": "draw attention/addressing/similarity every N steps"})
 
 
 def read_config(name: str) -> dict[str, Any]:
@@ -184,6 +185,13 @@ def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: st
     collator = MicroVLMCollator(
         processor, with_episodes=model_args.use_memory, episode_size=data_args.episode_size, max_length=data_args.max_length
     )
+    probe = eval_dataset if eval_dataset is not None else train_dataset
+    probe_batch = collator([probe[i] for i in range(min(8, len(probe)))])
+    callbacks = [
+        GradientFlowCallback(run_args.gradient_flow_steps),
+        VisualisationCallback(probe_batch, run_args.visualisation_steps),
+        MemoryCheckpointCallback(),
+    ]
     return MicroVLMTrainer(
         model=model,
         args=training_args,
@@ -191,7 +199,7 @@ def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: st
         eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
-        callbacks=[GradientFlowCallback(run_args.gradient_flow_steps), MemoryCheckpointCallback()],
+        callbacks=callbacks,
     )
 
 

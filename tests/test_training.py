@@ -17,7 +17,7 @@ from .test_remote_code import run_isolated
 
 SMALL = ["--num_train", "64", "--num_validation", "16", "--num_test", "0", "--per_device_train_batch_size", "8",
          "--per_device_eval_batch_size", "8", "--logging_steps", "2", "--eval_steps", "4", "--save_steps", "4",
-         "--gradient_flow_steps", "2", "--dataloader_num_workers", "0"]
+         "--gradient_flow_steps", "2", "--visualisation_steps", "4", "--dataloader_num_workers", "0"]
 
 
 def logged(trainer_dir: Path) -> list[dict]:
@@ -34,6 +34,8 @@ def test_two_stage_demo_recipe_runs_logs_every_term_and_reloads_with_remote_code
         assert all(term in e for e in second), term
     assert any("eval_lm_loss" in e for e in logged(Path(stage2)))
     assert (Path(stage2) / "gradient_flow.jsonl").is_file()
+    pictures = {p.name.split("_", 1)[1] for p in (Path(stage2) / "visualisations").glob("*.png")}
+    assert pictures == {"text_prefix_attention.png", "image_text_similarity.png", "memory_addressing.png"}
     script = """
 import sys, torch
 sys.modules["microvlm"] = None

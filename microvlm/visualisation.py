@@ -1,0 +1,72 @@
+"""Figures of what a MicroVLM attends to and remembers, for training callbacks and evaluation reports.
+
+Each function takes a model and a collated batch (see `MicroVLMCollator`) and returns a matplotlib Figure:
+the text × prefix attention of the language model, the memory's addressing weights (episode steps × slots),
+and the image–text similarity matrix of the alignment head.
+"""
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on training machines
+
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+
+def _heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, cmap: str = "viridis") -> Figure:
+    figure, axis = plt.subplots(figsize=(6, 4.5))
+    image = axis.imshow(matrix.detach().float().cpu().numpy(), aspect="auto", cmap=cmap)
+    axis.set_title(title)
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    figure.colorbar(image, ax=axis)
+    figure.tight_layout()
+    return figure
+
+
+@torch.no_grad()
+def text_prefix_attention(model, batch: dict[str, torch.Tensor], row: int = 0) -> Figure:
+    """Attention of row `row`'s text tokens (y) over its image prefix tokens (x), averaged over layers and heads."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # sdpa does not return attention weights
+    try:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    pixel_values=batch.get("pixel_values"), output_attentions=True, use_memory=False)
+    finally:
+        model.set_attn_implementation(previous)
+    attention = torch.stack(out.attentions).mean((0, 2))[row]  # (T, T)
+    ids, mask = batch["input_ids"][row], batch["attention_mask"][row].bool()
+    prefix = (ids == model.config.image_token_id) & mask
+    text = (ids != model.config.image_token_id) & mask
+    return _heatmap(attention[text][:, prefix], "LM attention: text tokens × image prefix", "prefix token", "text token")
+
+
+@torch.no_grad()
+def memory_addressing(model, batch: dict[str, torch.Tensor], row: int = 0) -> Figure:
+    """Addressing weights w (episode steps × slots) of row `row`'s episode against the memory it wrote."""
+    inner = model.model
+    codes = inner.episode_codes(batch["episode_input_ids"], batch["episode_attention_mask"], batch.get("episode_pixel_values"))
+    state = inner.memory.write_episodes(codes, batch["episode_mask"].transpose(0, 1))
+    weights = inner.memory.larimar.address(codes, state)[:, row]  # (E, K)
+    return _heatmap(weights, "memory addressing: episode step × slot", "slot", "episode step", cmap="coolwarm")
+
+
+@torch.no_grad()
+def image_text_similarity(model, batch: dict[str, torch.Tensor]) -> Figure:
+    """Cosine similarity of every image (y) with every text (x) of the batch's rows that hold an image."""
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    with_image = (ids == model.config.image_token_id).any(1)
+    images, texts = model.embed_images_and_texts(batch["pixel_values"], ids[with_image], mask[with_image])
+    return _heatmap(images @ texts.T, "image–text cosine similarity (diagonal: pairs)", "text", "image")
+
+
+def figures_for(model, batch: dict[str, torch.Tensor]) -> dict[str, Figure]:
+    """Every figure the batch allows: attention and similarity need images, addressing needs episodes."""
+    figures = {}
+    if "pixel_values" in batch:
+        figures["text_prefix_attention"] = text_prefix_attention(model, batch)
+        figures["image_text_similarity"] = image_text_similarity(model, batch)
+    if "episode_input_ids" in batch:
+        figures["memory_addressing"] = memory_addressing(model, batch)
+    return figures
