@@ -160,10 +160,10 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
             kinds=kinds,
         )
         return splits["train"], splits["validation"]
-    from .data.sources import load_image_text_dataset
+    from .data.sources import SkipBadSamples, load_image_text_dataset
 
     train = load_image_text_dataset(data_args.dataset, split="train", image_column=data_args.image_column, text_column=data_args.text_column)
-    return train, None
+    return SkipBadSamples(train), None
 
 
 def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: str | None = None) -> MicroVLMTrainer:
@@ -207,6 +207,9 @@ def run_stage(stage: str, argv: list[str], recipe: str | None, init_from: str | 
     """Train one stage and save its final model + processor; returns the output folder."""
     trainer = build_trainer(stage, argv, recipe, init_from)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
+    skipped = getattr(trainer.train_dataset, "skipped", None)
+    if skipped:
+        logger.warning("%s: skipped bad samples %s", stage, skipped)
     trainer.save_model(trainer.args.output_dir)
     if trainer.is_world_process_zero():
         trainer.save_state()
