@@ -48,6 +48,7 @@ class MicroVLMCollator:
     (1 for recall rows) and, with `with_episodes`, `episode_*` tensors (B, E, ...).
 
     `processor` is a [`MicroVLMProcessor`]: its tokenizer, image processor, image token and image-token count.
+    With `prompts_only`, rows hold the prompt alone (labels are all ignored), ready for `generate`.
     Sequences are left-padded (the model counts positions over real tokens, so padding never moves them).
     """
 
@@ -55,6 +56,7 @@ class MicroVLMCollator:
     with_episodes: bool = False
     episode_size: int = 2
     max_length: int = 64
+    prompts_only: bool = False  # for generation: the prompt alone, no target and no labels
 
     def __post_init__(self) -> None:
         tokenizer = self.processor.tokenizer
@@ -78,7 +80,7 @@ class MicroVLMCollator:
         for sample in samples:
             prompt, target, has_image = prompt_and_target(sample)
             prompt_ids = (self.image_tokens if has_image else []) + self._tokens(prompt)
-            target_ids = self._tokens((" " if prompt else "") + target) + [self.eos_id]
+            target_ids = [] if self.prompts_only else self._tokens((" " if prompt else "") + target) + [self.eos_id]
             ids = (prompt_ids + target_ids)[: self.max_length]
             input_ids.append(ids)
             labels.append(([IGNORE_INDEX] * len(prompt_ids) + target_ids)[: self.max_length])

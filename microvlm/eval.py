@@ -1,0 +1,307 @@
+"""Evaluate a saved MicroVLM: `python -m microvlm.eval --model_dir D [--output_dir R]`.
+
+Loads the folder through the Auto classes with `trust_remote_code` (as a user would), evaluates on the built-in
+shapes set's test split (held-out colour–shape pairs included), and writes `eval_results.json`, `report.md` and
+PNG plots. Every figure stands beside a baseline from the same run and its chance level:
+
+* captions: BLEU-4, ROUGE-L, CIDEr-D (local `evaluate` modules), per-attribute accuracy parsed from the
+  generated captions (seen and held-out pairs), perplexity; baselines: blank images and shuffled images.
+* questions: exact match; baseline: blank images.
+* retrieval: image→text and text→image R@1/R@5 among `num_retrieval` candidates (alignment head).
+* episodic recall: exact match with the memory, without it, with an empty memory, with another row's episode,
+  and after forgetting the asked image; accuracy by position in the episode; a capacity curve over episode
+  lengths against the number of slots.
+* analysis: sliced Epps–Pulley (LeJEPA) of projected CLS, pooled prefix and mean text embeddings beside a
+  Monte-Carlo null; attention entropy and sparsity over the prefix tokens; memory slot utilisation.
+"""
+
+import json
+import logging
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
+
+from .analysis import attention_stats, epps_pulley_null, retrieval_recall, slot_utilisation, sliced_epps_pulley
+from .data.collator import MicroVLMCollator
+from .data.synthetic_shapes import COLOURS, COUNTS, POSITIONS, SHAPES, build_synthetic_dataset, parse_attributes
+from .metrics import caption_metrics, load_metric
+
+logger = logging.getLogger("microvlm.eval")
+ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES), "count": len(COUNTS), "position": len(POSITIONS)}
+
+
+@dataclass
+class EvalArguments:
+    model_dir: str = field(metadata={"help": "a saved MicroVLM folder (weights, config, processor, remote code)"})
+    output_dir: str | None = field(default=None, metadata={"help": "where to write the report (default: <model_dir>/eval)"})
+    num_test: int = 600
+    num_retrieval: int = 100
+    episode_size: int = 4
+    capacity_episode_sizes: str = "2,4,8,16"
+    capacity_samples: int = 60
+    batch_size: int = 32
+    max_new_tokens: int = 12
+    seed: int = 42
+    num_slices: int = 256
+
+
+def batches(rows: list[dict], size: int, description: str):
+    for start in tqdm(range(0, len(rows), size), desc=description, leave=False):
+        yield rows[start : start + size]
+
+
+@torch.no_grad()
+def generate(model, processor, rows: list[dict], args: EvalArguments, description: str, with_episodes: bool = False,
+             pixels=None, episodes=None, **generate_kwargs) -> list[str]:
+    """Greedy answers for `rows`. `pixels(batch)` / `episodes(batch)` may alter the inputs (baselines)."""
+    collator = MicroVLMCollator(processor, with_episodes=with_episodes, episode_size=args.episode_size, prompts_only=True)
+    outputs = []
+    for chunk in batches(rows, args.batch_size, description):
+        batch = collator(chunk)
+        batch.pop("labels"), batch.pop("scope_labels")
+        if pixels is not None and "pixel_values" in batch:
+            batch["pixel_values"] = pixels(batch["pixel_values"])
+        if episodes is not None:
+            batch = episodes(batch)
+        tokens = model.generate(**batch, **generate_kwargs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        outputs += processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [text.strip() for text in outputs]
+
+
+def blank(pixels: torch.Tensor) -> torch.Tensor:
+    return torch.zeros_like(pixels)
+
+
+def shuffled(pixels: torch.Tensor) -> torch.Tensor:
+    return pixels.roll(1, dims=0)
+
+
+def attribute_accuracy(predictions: list[str], rows: list[dict]) -> dict[str, float]:
+    parsed = [parse_attributes(p) for p in predictions]
+    result = {name: sum(p[name] == r[name] for p, r in zip(parsed, rows)) / max(len(rows), 1) for name in ATTRIBUTES}
+    result["all"] = sum(all(p[n] == r[n] for n in ATTRIBUTES) for p, r in zip(parsed, rows)) / max(len(rows), 1)
+    result["mean"] = sum(result[name] for name in ATTRIBUTES) / len(ATTRIBUTES)
+    return result
+
+
+def exact_match(predictions: list[str], references: list[str]) -> float:
+    return load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"]
+
+
+@torch.no_grad()
+def perplexity(model, processor, rows: list[dict], args: EvalArguments) -> float:
+    collator = MicroVLMCollator(processor)
+    total, count = 0.0, 0
+    for chunk in batches(rows, args.batch_size, "perplexity"):
+        batch = collator(chunk)
+        batch.pop("scope_labels")
+        out = model(**batch, use_memory=False)
+        tokens = int((batch["labels"][:, 1:] != -100).sum())
+        total, count = total + float(out.lm_loss) * tokens, count + tokens
+    return math.exp(total / max(count, 1))
+
+
+@torch.no_grad()
+def retrieval(model, processor, rows: list[dict]) -> tuple[dict[str, float], torch.Tensor]:
+    collator = MicroVLMCollator(processor)
+    batch = collator(rows)
+    images, texts = model.embed_images_and_texts(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    similarity = images @ texts.T
+    captions = [r["text"] for r in rows]
+    correct = torch.tensor([[a == b for b in captions] for a in captions])
+    return retrieval_recall(similarity, correct), similarity
+
+
+def other_episode(batch: dict) -> dict:
+    """Control: each row reads the memory written from the next row's episode."""
+    for key in ("episode_input_ids", "episode_attention_mask", "episode_pixel_values", "episode_mask"):
+        batch[key] = batch[key].roll(1, dims=0)
+    return batch
+
+
+@torch.no_grad()
+def recall_after_forgetting(model, processor, rows: list[dict], args: EvalArguments) -> list[str]:
+    """Write each row's episode, then write its asked image again with weight −1 (same addresses): forgetting."""
+    collator = MicroVLMCollator(processor, with_episodes=True, episode_size=args.episode_size, prompts_only=True)
+    larimar = model.model.memory.larimar
+    outputs = []
+    for chunk in batches(rows, args.batch_size, "recall after forgetting"):
+        batch = collator(chunk)
+        codes = model.model.episode_codes(batch["episode_input_ids"], batch["episode_attention_mask"], batch["episode_pixel_values"])
+        state = model.model.memory.write_episodes(codes, batch["episode_mask"].transpose(0, 1))
+        target = torch.tensor([r["target_index"] for r in chunk])
+        asked = codes[target, torch.arange(len(chunk))].unsqueeze(0)  # (1, B, C)
+        # The addresses of a write are those against the memory before it; recompute them from the state just
+        # before the asked step by replaying the episode up to it, row by row.
+        forgotten = larimar.write(asked, state, weight=-1.0, addresses=_write_addresses(larimar, codes, batch, target))
+        tokens = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], memory_state=forgotten,
+                                use_memory=True, max_new_tokens=args.max_new_tokens, do_sample=False)
+        outputs += processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [text.strip() for text in outputs]
+
+
+def _write_addresses(larimar, codes: torch.Tensor, batch: dict, target: torch.Tensor) -> torch.Tensor:
+    """(1, B, K) addresses each row's asked step was written at."""
+    rows = []
+    for row in range(codes.shape[1]):
+        steps = int(target[row])
+        prior = larimar.prior(1)
+        state = larimar.write(codes[:steps, row : row + 1], prior, weight=batch["episode_mask"][row, :steps].unsqueeze(1)) if steps else prior
+        rows.append(larimar.address(codes[steps : steps + 1, row : row + 1], state)[0, 0])
+    return torch.stack(rows).unsqueeze(0)
+
+
+@torch.no_grad()
+def embedding_analysis(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, Any]:
+    collator = MicroVLMCollator(processor)
+    batch = collator(rows)
+    images, texts = model.embed_images_and_texts(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
+    prefix = model.model.get_image_features(batch["pixel_values"]).prefix.mean(1)
+    results = {}
+    for name, embeddings in (("projected_cls", images), ("pooled_prefix", prefix), ("mean_text", texts)):
+        n, dim = embeddings.shape
+        results[name] = {"statistic": sliced_epps_pulley(embeddings, args.num_slices, args.seed),
+                         "null": epps_pulley_null(n, dim, args.num_slices, seed=args.seed), "n": n, "dim": dim}
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        attentions = model(**{k: v for k, v in batch.items() if k not in ("labels", "scope_labels")}, output_attentions=True, use_memory=False).attentions
+    finally:
+        model.set_attn_implementation(previous)
+    prefix_columns = batch["input_ids"][0] == model.config.image_token_id
+    text_rows = (batch["input_ids"] != model.config.image_token_id) & batch["attention_mask"].bool()
+    weights = torch.stack(attentions).mean(2)[:, :, :, prefix_columns]  # (layers, B, T, k)
+    results["prefix_attention"] = attention_stats(weights.permute(1, 2, 0, 3)[text_rows])
+    return results
+
+
+def evaluate_model(args: EvalArguments) -> dict[str, Any]:
+    model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(args.model_dir, trust_remote_code=True)
+    size = model.config.vision_config.image_size
+    test = build_synthetic_dataset(0, 0, args.num_test, image_size=size, episode_size=args.episode_size, seed=args.seed)["test"]
+    rows = list(test)
+    captions = [r for r in rows if r["kind"] == "caption"]
+    questions = [r for r in rows if r["kind"] == "qa"]
+    recalls = [r for r in rows if r["kind"] == "recall"]
+    results: dict[str, Any] = {"model_dir": args.model_dir, "dataset": "microvlm-synthetic-shapes", "split": "test",
+                               "arguments": asdict(args), "counts": {"caption": len(captions), "qa": len(questions), "recall": len(recalls)}}
+
+    predictions = {"model": generate(model, processor, captions, args, "captions", use_memory=False),
+                   "blank images": generate(model, processor, captions, args, "captions, blank", pixels=blank, use_memory=False),
+                   "shuffled images": generate(model, processor, captions, args, "captions, shuffled", pixels=shuffled, use_memory=False)}
+    references = [[r["text"]] for r in captions]
+    seen = [i for i, r in enumerate(captions) if not r["held_out"]]
+    held_out = [i for i, r in enumerate(captions) if r["held_out"]]
+    results["captions"] = {
+        name: {**caption_metrics(preds, references), "attributes": attribute_accuracy(preds, captions),
+               "attributes_seen_pairs": attribute_accuracy([preds[i] for i in seen], [captions[i] for i in seen]),
+               "attributes_held_out_pairs": attribute_accuracy([preds[i] for i in held_out], [captions[i] for i in held_out])}
+        for name, preds in predictions.items()
+    }
+    results["captions"]["chance"] = {"attributes": {**{n: 1 / k for n, k in ATTRIBUTES.items()}, "all": 1 / math.prod(ATTRIBUTES.values())}}
+    results["captions"]["examples"] = [{"reference": r["text"], "generated": p} for r, p in zip(captions[:8], predictions["model"][:8])]
+    results["perplexity"] = {"model": perplexity(model, processor, captions, args), "chance": model.config.text_config.vocab_size}
+
+    answers = [r["answer"] for r in questions]
+    results["qa"] = {"model": exact_match(generate(model, processor, questions, args, "questions", use_memory=False), answers),
+                     "blank images": exact_match(generate(model, processor, questions, args, "questions, blank", pixels=blank, use_memory=False), answers),
+                     "chance": sum(1 / ATTRIBUTES[_asked(r)] for r in questions) / max(len(questions), 1)}
+
+    candidates = captions[: args.num_retrieval]
+    recall_at_k, similarity = retrieval(model, processor, candidates)
+    results["retrieval"] = {"model": recall_at_k, "candidates": len(candidates), "chance": {"r@1": 1 / len(candidates), "r@5": 5 / len(candidates)}}
+
+    answers = [r["answer"] for r in recalls]
+    with_memory = generate(model, processor, recalls, args, "recall, memory", with_episodes=True)
+    results["recall"] = {
+        "memory": exact_match(with_memory, answers),
+        "no memory": exact_match(generate(model, processor, recalls, args, "recall, no memory", use_memory=False), answers),
+        "empty memory": exact_match(generate(model, processor, recalls, args, "recall, empty", use_memory=True,
+                                             memory_state=model.model.memory.larimar.prior(1)), answers),
+        "another episode's memory": exact_match(generate(model, processor, recalls, args, "recall, other episode", with_episodes=True, episodes=other_episode), answers),
+        "after forgetting the asked image": exact_match(recall_after_forgetting(model, processor, recalls, args), answers),
+        "chance": sum(1 / ATTRIBUTES[_asked(r)] for r in recalls) / max(len(recalls), 1),
+        "by_position": {str(i + 1): exact_match([p for p, r in zip(with_memory, recalls) if r["target_index"] == i],
+                                                [r["answer"] for r in recalls if r["target_index"] == i])
+                        for i in range(args.episode_size)},
+        "slots": model.config.memory_num_slots,
+    }
+    results["recall"]["capacity"] = capacity_curve(model, processor, args)
+
+    analysed = captions[: min(len(captions), 256)]
+    results["analysis"] = embedding_analysis(model, processor, analysed, args)
+    results["analysis"]["memory_slots"] = memory_slot_usage(model, processor, recalls, args)
+    results["headline"] = headline(results)
+    return results, model, processor, captions, recalls, similarity
+
+
+def _asked(row: dict) -> str:
+    text = row["text"]
+    return "colour" if "colour" in text else "shape" if "shape" in text and "many" not in text else "count" if "many" in text else "position"
+
+
+def capacity_curve(model, processor, args: EvalArguments) -> dict[str, float]:
+    curve = {}
+    for size in [int(s) for s in args.capacity_episode_sizes.split(",")]:
+        rows = list(build_synthetic_dataset(0, 0, args.capacity_samples, image_size=model.config.vision_config.image_size,
+                                            episode_size=size, seed=args.seed + size, kinds=("recall",))["test"])
+        sized = EvalArguments(**{**asdict(args), "episode_size": size})
+        curve[str(size)] = exact_match(generate(model, processor, rows, sized, f"capacity {size}", with_episodes=True), [r["answer"] for r in rows])
+    return curve
+
+
+@torch.no_grad()
+def memory_slot_usage(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, float]:
+    collator = MicroVLMCollator(processor, with_episodes=True, episode_size=args.episode_size)
+    batch = collator(rows[: args.batch_size])
+    codes = model.model.episode_codes(batch["episode_input_ids"], batch["episode_attention_mask"], batch["episode_pixel_values"])
+    state = model.model.memory.write_episodes(codes, batch["episode_mask"].transpose(0, 1))
+    return slot_utilisation(model.model.memory.larimar.address(codes, state))
+
+
+def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The figures of the model card's model-index, each with its baseline and chance level."""
+    captions, chance = results["captions"], results["captions"]["chance"]["attributes"]
+    return [
+        {"task": "captioning", "metric": "accuracy", "name": "attribute accuracy, held-out pairs",
+         "value": captions["model"]["attributes_held_out_pairs"]["mean"], "baseline_name": "blank images",
+         "baseline": captions["blank images"]["attributes_held_out_pairs"]["mean"], "chance": sum(chance[n] for n in ATTRIBUTES) / len(ATTRIBUTES)},
+        {"task": "captioning", "metric": "bleu", "name": "BLEU-4", "value": captions["model"]["bleu"],
+         "baseline_name": "blank images", "baseline": captions["blank images"]["bleu"], "chance": None},
+        {"task": "captioning", "metric": "cider", "name": "CIDEr-D", "value": captions["model"]["cider_d"],
+         "baseline_name": "blank images", "baseline": captions["blank images"]["cider_d"], "chance": None},
+        {"task": "question answering", "metric": "exact_match", "name": "QA exact match", "value": results["qa"]["model"],
+         "baseline_name": "blank images", "baseline": results["qa"]["blank images"], "chance": results["qa"]["chance"]},
+        {"task": "retrieval", "metric": "recall", "name": f"image→text R@1 ({results['retrieval']['candidates']} candidates)",
+         "value": results["retrieval"]["model"]["image_to_text_r@1"], "baseline_name": "chance",
+         "baseline": results["retrieval"]["chance"]["r@1"], "chance": results["retrieval"]["chance"]["r@1"]},
+        {"task": "episodic recall", "metric": "exact_match", "name": "recall exact match", "value": results["recall"]["memory"],
+         "baseline_name": "memory off", "baseline": results["recall"]["no memory"], "chance": results["recall"]["chance"]},
+    ]
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    torch.manual_seed(args.seed)
+    output = Path(args.output_dir or Path(args.model_dir) / "eval")
+    output.mkdir(parents=True, exist_ok=True)
+    results, model, processor, captions, recalls, similarity = evaluate_model(args)
+    (output / "eval_results.json").write_text(json.dumps(results, indent=2))
+    from .report import write_plots, write_report
+
+    plots = write_plots(output, args.model_dir, model, processor, captions, recalls, similarity, args.episode_size)
+    write_report(output / "report.md", results, plots)
+    logger.info("report: %s", output / "report.md")
+    return results
+
+
+if __name__ == "__main__":
+    main()
