@@ -11,6 +11,8 @@ PNG plots. Every figure stands beside a baseline from the same run and its chanc
 * episodic recall: exact match with the memory, without it, with an empty memory, with another row's episode,
   and after forgetting the asked image; accuracy by position in the episode; a capacity curve over episode
   lengths against the number of slots.
+* real photos: captions generated for the photos shipped in scikit-image, scikit-learn and matplotlib
+  (`data/real_photos.py`), scored against hand-written references — a smoke test, no quality bar.
 * analysis: sliced Epps–Pulley (LeJEPA) of projected CLS, pooled prefix and mean text embeddings beside a
   Monte-Carlo null; attention entropy and sparsity over the prefix tokens; memory slot utilisation.
 """
@@ -29,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 
 from .analysis import attention_stats, epps_pulley_null, retrieval_recall, slot_utilisation, sliced_epps_pulley
 from .data.collator import MicroVLMCollator
+from .data.real_photos import load_real_photos
 from .data.synthetic_shapes import COLOURS, COUNTS, POSITIONS, SHAPES, build_synthetic_dataset, parse_attributes
 from .metrics import caption_metrics, load_metric
 
@@ -234,6 +237,13 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
         "slots": model.config.memory_num_slots,
     }
     results["recall"]["capacity"] = capacity_curve(model, processor, args)
+
+    photos = load_real_photos()
+    if photos:  # a smoke test on real photos: generation must run; the tiny preset has no quality bar here
+        rows_ = [{"kind": "caption", "image": p["image"], "text": p["references"][0]} for p in photos]
+        generated = generate(model, processor, rows_, args, "real photos", use_memory=False)
+        results["real_photos"] = {**caption_metrics(generated, [p["references"] for p in photos]), "count": len(photos),
+                                  "examples": [{"photo": p["name"], "generated": g} for p, g in zip(photos, generated)]}
 
     analysed = captions[: min(len(captions), 256)]
     results["analysis"] = embedding_analysis(model, processor, analysed, args)

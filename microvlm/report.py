@@ -91,6 +91,15 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
+def _real_photo_lines(results: dict[str, Any]) -> list[str]:
+    photos = results.get("real_photos")
+    if not photos:
+        return []
+    examples = "; ".join(f"{e['photo']}: “{e['generated']}”" for e in photos["examples"][:5])
+    return ["## Real photos (smoke test)", "", f"{photos['count']} photos from scikit-image, scikit-learn and matplotlib: "
+            f"BLEU-4 {photos['bleu']:.1f}, ROUGE-L {photos['rouge_l']:.3f}, CIDEr-D {photos['cider_d']:.2f}. {examples}", ""]
+
+
 def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> None:
     captions = results["captions"]
     chance = captions["chance"]["attributes"]
@@ -109,6 +118,7 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
               "## Questions", "", "| inputs | exact match |", "|---|---|",
               f"| model | {_pct(results['qa']['model'])} |", f"| blank images | {_pct(results['qa']['blank images'])} |",
               f"| chance | {_pct(results['qa']['chance'])} |", "",
+              *_real_photo_lines(results),
               f"## Retrieval ({results['retrieval']['candidates']} candidates)", "", "| | R@1 | R@5 |", "|---|---|---|"]
     r = results["retrieval"]["model"]
     lines += [f"| image → text | {_pct(r['image_to_text_r@1'])} | {_pct(r['image_to_text_r@5'])} |",

@@ -104,8 +104,9 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
                              "--num_slices", "16", "--max_new_tokens", "6"])
     saved = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert saved["headline"] == results["headline"]
-    for key in ("captions", "qa", "retrieval", "recall", "analysis", "perplexity"):
+    for key in ("captions", "qa", "retrieval", "recall", "analysis", "perplexity", "real_photos"):
         assert key in saved
+    assert saved["real_photos"]["count"] == 23  # every photo of the committed list is found offline
     assert set(saved["captions"]) >= {"model", "blank images", "shuffled images", "chance"}
     assert {"memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image"} <= set(saved["recall"])
     report = (tmp_path / "eval" / "report.md").read_text()

@@ -37,7 +37,7 @@ def test_a_padded_batch_gives_each_row_the_tokens_it_gets_alone(tiny_model, tiny
     lengths = [9, 2, 5]
     batch = make_inputs(tiny_config, lengths, seed=4)
     together = generate_greedy(tiny_model, batch, 6)[:, -6:]
-    for row, length in enumerate(lengths):
+    for row in range(len(lengths)):
         keep = batch["attention_mask"][row] == 1
         alone = {
             "input_ids": batch["input_ids"][row : row + 1, keep],
