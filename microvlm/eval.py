@@ -9,7 +9,8 @@ PNG plots. Every figure stands beside a baseline from the same run and its chanc
 * questions: exact match; baseline: blank images.
 * retrieval: image→text and text→image R@1/R@5 among `num_retrieval` candidates (alignment head).
 * episodic recall: exact match with the memory, without it, with an empty memory, with another row's episode,
-  and after forgetting the asked image; accuracy by position in the episode; a capacity curve over episode
+  after forgetting the asked image, after another episode is written on top, and with the asked image in the
+  input (the perception upper bound); accuracy by position in the episode; a capacity curve over episode
   lengths against the number of slots.
 * real photos: captions generated for the photos shipped in scikit-image, scikit-learn and matplotlib
   (`data/real_photos.py`), scored against hand-written references — a smoke test, no quality bar.
@@ -32,7 +33,7 @@ from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 from .analysis import attention_stats, epps_pulley_null, retrieval_recall, slot_utilisation, sliced_epps_pulley
 from .data.collator import MicroVLMCollator
 from .data.real_photos import load_real_photos
-from .data.synthetic_shapes import COLOURS, COUNTS, POSITIONS, SHAPES, build_synthetic_dataset, parse_attributes
+from .data.synthetic_shapes import COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset, parse_attributes
 from .metrics import caption_metrics, load_metric
 
 logger = logging.getLogger("microvlm.eval")
@@ -149,6 +150,30 @@ def recall_after_forgetting(model, processor, rows: list[dict], args: EvalArgume
     return [text.strip() for text in outputs]
 
 
+@torch.no_grad()
+def recall_after_overwriting(model, processor, rows: list[dict], args: EvalArguments) -> list[str]:
+    """Write each row's episode, then the next row's episode on top of it, and ask about the first."""
+    collator = MicroVLMCollator(processor, with_episodes=True, episode_size=args.episode_size, prompts_only=True)
+    memory = model.model.memory
+    outputs = []
+    for chunk in batches(rows, args.batch_size, "recall after overwriting"):
+        batch = collator(chunk)
+        codes = model.model.episode_codes(batch["episode_input_ids"], batch["episode_attention_mask"], batch["episode_pixel_values"])
+        mask = batch["episode_mask"].transpose(0, 1)
+        state = memory.write_episodes(codes, mask)
+        state = memory.larimar.write(codes.roll(1, dims=1), state, weight=mask.roll(1, dims=1))
+        tokens = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], memory_state=state,
+                                use_memory=True, max_new_tokens=args.max_new_tokens, do_sample=False)
+        outputs += processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    return [text.strip() for text in outputs]
+
+
+def asked_image_question(row: dict) -> dict:
+    """The recall question turned into a question about the asked image, with that image in the input: what
+    perception alone allows, an upper bound for recall through memory."""
+    return {"kind": "qa", "image": row["episode_images"][row["target_index"]], "text": QUESTIONS[_asked(row)], "answer": row["answer"]}
+
+
 def _write_addresses(larimar, codes: torch.Tensor, batch: dict, target: torch.Tensor) -> torch.Tensor:
     """(1, B, K) addresses each row's asked step was written at."""
     rows = []
@@ -230,6 +255,9 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
                                              memory_state=model.model.memory.larimar.prior(1)), answers),
         "another episode's memory": exact_match(generate(model, processor, recalls, args, "recall, other episode", with_episodes=True, episodes=other_episode), answers),
         "after forgetting the asked image": exact_match(recall_after_forgetting(model, processor, recalls, args), answers),
+        "after another episode is written on top": exact_match(recall_after_overwriting(model, processor, recalls, args), answers),
+        "asked image in context (upper bound)": exact_match(generate(model, processor, [asked_image_question(r) for r in recalls],
+                                                                     args, "recall, image in context", use_memory=False), answers),
         "chance": sum(1 / ATTRIBUTES[_asked(r)] for r in recalls) / max(len(recalls), 1),
         "by_position": {str(i + 1): exact_match([p for p, r in zip(with_memory, recalls) if r["target_index"] == i],
                                                 [r["answer"] for r in recalls if r["target_index"] == i])

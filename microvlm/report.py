@@ -125,7 +125,8 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
               f"| text → image | {_pct(r['text_to_image_r@1'])} | {_pct(r['text_to_image_r@5'])} |",
               f"| chance | {_pct(results['retrieval']['chance']['r@1'])} | {_pct(results['retrieval']['chance']['r@5'])} |", "",
               f"## Episodic recall (memory of {results['recall']['slots']} slots)", "", "| memory | exact match |", "|---|---|"]
-    for name in ("memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image", "chance"):
+    for name in ("memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image",
+                 "after another episode is written on top", "asked image in context (upper bound)", "chance"):
         lines.append(f"| {name} | {_pct(results['recall'][name])} |")
     lines += ["", "By position of the asked image in the episode: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["by_position"].items()),
               "", "Capacity (episode length: accuracy): " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["capacity"].items()), "",

@@ -108,7 +108,8 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
         assert key in saved
     assert saved["real_photos"]["count"] == 23  # every photo of the committed list is found offline
     assert set(saved["captions"]) >= {"model", "blank images", "shuffled images", "chance"}
-    assert {"memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image"} <= set(saved["recall"])
+    assert {"memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image",
+            "after another episode is written on top", "asked image in context (upper bound)"} <= set(saved["recall"])
     report = (tmp_path / "eval" / "report.md").read_text()
     assert "## Episodic recall" in report and "null 95%" in report
     for plot in ("image_attention.png", "retrieval_similarity.png", "memory_addressing.png"):
