@@ -156,6 +156,8 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
     def get_image_features(self, pixel_values: torch.FloatTensor, output_attentions: bool = False) -> MicroVLMImageFeatures:
         """pixel_values (B, 3, H, W) → CLS (B, Dv) for alignment and prefix tokens (B, k, D) for the LM."""
         tokens = self.vision_tower(pixel_values=pixel_values).last_hidden_state
+        if tokens.dim() == 4:  # convolutional towers return (B, C, H, W) maps: one token per position
+            tokens = tokens.flatten(2).transpose(1, 2)
         # DeiT puts CLS and a distillation token before the patches: the patches are always the last ones.
         patches = tokens[:, -self.config.num_patches :]
         cls = tokens[:, 0] if self.config.vision_cls_token else patches.mean(1)
@@ -262,6 +264,9 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
             # A fresh cache per sequence: caches are mutated in place, so one must never be reused.
             past_key_values = MemoryCache(self.config.text_config, memory.key_values, memory.mask)
 
+        # transformers 5.0's generate passes a cache_position that counts text tokens only; the LM recomputes it
+        # from the cache (memory included) when it is absent.
+        kwargs.pop("cache_position", None)
         seq_len = inputs_embeds.shape[1]
         text_mask = attention_mask
         if isinstance(past_key_values, MemoryCache):

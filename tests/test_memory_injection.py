@@ -142,3 +142,23 @@ def test_gradient_checkpointing_with_memory_is_refused_clearly():
     inputs = make_inputs(model.config, [4])
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(**inputs, labels=inputs["input_ids"])
+
+
+@torch.no_grad()
+def test_other_backbone_families_gpt2_lm_and_convolutional_tower_without_cls():
+    """Sizes and families come from the config: a GPT-2-style LM (no GQA, `wte` embeddings, learned positions)
+    and a ConvNeXt tower (4-D feature maps, no CLS token) run the same code, memory included."""
+    config = MicroVLMConfig(
+        vision_config={"model_type": "convnext", "image_size": 64, "hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1]},
+        text_config={"model_type": "gpt2", "vocab_size": 2048, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256,
+                     "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0},
+        vision_num_patches=4, vision_cls_token=False, image_token_id=3, adapter_num_heads=4, memory_num_slots=16,
+        use_memory=True,
+    )
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(config).eval()
+    assert model.lm_head.weight is model.model.language_model.wte.weight
+    inputs = make_inputs(config, [5, 3])
+    assert memory_kv_shapes(model, inputs) == [(2, 4, 1, 16)] * 4
+    generated = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    assert torch.equal(generated, greedy_without_cache(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 5))

@@ -1,14 +1,40 @@
-"""ROUGE-L F-score as in the COCO caption toolkit: LCS precision/recall against each reference, best of the
-references by recall and precision separately, F with β = 1.2; mean over captions, 0–1."""
+"""ROUGE-L F-score of captions as computed by the COCO caption toolkit (pycocoevalcap), β = 1.2."""
+
+import re
 
 import datasets
 import evaluate
 
 BETA = 1.2
+_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+
+_DESCRIPTION = """ROUGE-L (Lin, 2004) as in the COCO caption toolkit: for a candidate c and references r_1..r_m,
+with LCS the longest common subsequence of the token lists,
+
+    P = max_i LCS(c, r_i) / |c|,   R = max_i LCS(c, r_i) / |r_i|,   F = (1 + β²) P R / (R + β² P),  β = 1.2
+
+(P and R maximised separately over the references; F = 0 when P or R is 0), averaged over the examples.
+Captions are normalised first: lower case, punctuation dropped (COCO's PTB tokeniser needs Java; this regex keeps
+words with inner hyphens or apostrophes whole). Range 0–1."""
+
+_KWARGS_DESCRIPTION = """
+Args:
+    predictions: list of str, one caption per example.
+    references: list of list of str, one or more reference captions per example.
+Returns:
+    rouge_l: float in [0, 1], the mean over examples.
+"""
+
+_CITATION = "Lin, 2004. ROUGE: A Package for Automatic Evaluation of Summaries. ACL workshop."
+
+
+def tokenize(text: str) -> list[str]:
+    """COCO-style caption tokens: lower case, punctuation dropped."""
+    return _WORD.findall(text.lower())
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
-    """Length of the longest common subsequence of two token lists (dynamic programming)."""
+    """Length of the longest common subsequence of two token lists (dynamic programming, O(|a|·|b|))."""
     previous = [0] * (len(b) + 1)
     for token in a:
         current = [0]
@@ -18,29 +44,33 @@ def lcs_length(a: list[str], b: list[str]) -> int:
     return previous[-1]
 
 
-def rouge_l(candidate: str, references: list[str]) -> float:
-    tokens = candidate.split()
-    precisions, recalls = [], []
-    for reference in references:
-        ref_tokens = reference.split()
-        lcs = lcs_length(tokens, ref_tokens)
-        precisions.append(lcs / len(tokens) if tokens else 0.0)
-        recalls.append(lcs / len(ref_tokens) if ref_tokens else 0.0)
-    precision, recall = max(precisions), max(recalls)
+def rouge_l_score(candidate: list[str], references: list[list[str]], beta: float = BETA) -> float:
+    """ROUGE-L F of one tokenised candidate against its tokenised references."""
+    if not references:
+        raise ValueError("every prediction needs at least one reference caption")
+    lcs = [lcs_length(candidate, reference) for reference in references]
+    precision = max(l / len(candidate) if candidate else 0.0 for l in lcs)
+    recall = max(l / len(reference) if reference else 0.0 for l, reference in zip(lcs, references))
     if precision == 0 or recall == 0:
         return 0.0
-    return (1 + BETA**2) * precision * recall / (recall + BETA**2 * precision)
+    return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
 
 
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class RougeL(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
-            description="ROUGE-L F (β=1.2) as in pycocoevalcap, mean over captions.",
-            citation="Lin, 2004. ROUGE: A Package for Automatic Evaluation of Summaries.",
-            inputs_description="predictions: list of str; references: list of list of str",
-            features=datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Sequence(datasets.Value("string"))}),
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.List(datasets.Value("string"))}
+            ),
+            reference_urls=["https://github.com/tylin/coco-caption"],
         )
 
-    def _compute(self, predictions, references):
-        scores = [rouge_l(p.lower(), [r.lower() for r in refs]) for p, refs in zip(predictions, references)]
-        return {"rouge_l": sum(scores) / len(scores) if scores else 0.0}
+    def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
+        if not predictions:
+            raise ValueError("ROUGE-L needs at least one prediction")
+        scores = [rouge_l_score(tokenize(p), [tokenize(r) for r in refs]) for p, refs in zip(predictions, references)]
+        return {"rouge_l": sum(scores) / len(scores)}
