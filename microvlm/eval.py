@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 
-from .analysis import attention_stats, epps_pulley_null, retrieval_recall, slot_utilisation, sliced_epps_pulley
+from .analysis import attention_stats, epps_pulley_null, recall_from_similarity, slot_utilisation, sliced_epps_pulley
 from .data.collator import MicroVLMCollator
 from .data.real_photos import load_real_photos
 from .data.synthetic_shapes import COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset, parse_attributes
@@ -119,7 +119,7 @@ def retrieval(model, processor, rows: list[dict]) -> tuple[dict[str, float], tor
     similarity = images @ texts.T
     captions = [r["text"] for r in rows]
     correct = torch.tensor([[a == b for b in captions] for a in captions])
-    return retrieval_recall(similarity, correct), similarity
+    return recall_from_similarity(similarity, correct), similarity
 
 
 def other_episode(batch: dict) -> dict:

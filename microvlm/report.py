@@ -105,14 +105,15 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
     chance = captions["chance"]["attributes"]
     lines = [f"# MicroVLM evaluation: `{results['model_dir']}`", "",
              f"Built-in shapes set, test split: {results['counts']}. Baselines come from the same run.", "",
-             "## Captions", "", "| inputs | BLEU-4 | ROUGE-L | CIDEr-D | colour | shape | count | position | all four | held-out pairs (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "## Captions", "", "| inputs | BLEU-4 | ROUGE-L | CIDEr-D | METEOR | colour | shape | count | position | all four | held-out pairs (mean) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("model", "blank images", "shuffled images"):
         c = captions[name]
         a = c["attributes"]
-        lines.append(f"| {name} | {c['bleu']:.1f} | {c['rouge_l']:.3f} | {c['cider_d']:.2f} | {_pct(a['colour'])} | {_pct(a['shape'])} | "
+        meteor = f"{c['meteor']:.3f}" if "meteor" in c else "–"  # needs Java and microvlm[meteor]
+        lines.append(f"| {name} | {c['bleu']:.1f} | {c['rouge_l']:.3f} | {c['cider_d']:.2f} | {meteor} | {_pct(a['colour'])} | {_pct(a['shape'])} | "
                      f"{_pct(a['count'])} | {_pct(a['position'])} | {_pct(a['all'])} | {_pct(c['attributes_held_out_pairs']['mean'])} |")
-    lines.append(f"| chance | | | | {_pct(chance['colour'])} | {_pct(chance['shape'])} | {_pct(chance['count'])} | {_pct(chance['position'])} | {_pct(chance['all'])} | |")
+    lines.append(f"| chance | | | | | {_pct(chance['colour'])} | {_pct(chance['shape'])} | {_pct(chance['count'])} | {_pct(chance['position'])} | {_pct(chance['all'])} | |")
     lines += ["", f"Perplexity of the captions: {results['perplexity']['model']:.2f} (uniform: {results['perplexity']['chance']}).", "",
               "Examples: " + "; ".join(f"“{e['generated']}” for “{e['reference']}”" for e in captions["examples"][:4]), "",
               "## Questions", "", "| inputs | exact match |", "|---|---|",

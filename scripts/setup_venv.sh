@@ -7,6 +7,6 @@ export PIP_DISABLE_PIP_VERSION_CHECK=1
 if [ ! -x "$VENV/bin/python" ]; then
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q torch==2.13.0
-  "$VENV/bin/pip" install -q -c requirements-pinned.txt -e ".[test,cc12m,photos]"
+  "$VENV/bin/pip" install -q -c requirements-pinned.txt -e ".[test,cc12m,photos,meteor]"
 fi
 PY="$VENV/bin/python"

@@ -48,9 +48,9 @@ def rouge_l_score(candidate: list[str], references: list[list[str]], beta: float
     """ROUGE-L F of one tokenised candidate against its tokenised references."""
     if not references:
         raise ValueError("every prediction needs at least one reference caption")
-    lcs = [lcs_length(candidate, reference) for reference in references]
-    precision = max(l / len(candidate) if candidate else 0.0 for l in lcs)
-    recall = max(l / len(reference) if reference else 0.0 for l, reference in zip(lcs, references))
+    common = [lcs_length(candidate, reference) for reference in references]
+    precision = max(c / len(candidate) if candidate else 0.0 for c in common)
+    recall = max(c / len(reference) if reference else 0.0 for c, reference in zip(common, references))
     if precision == 0 or recall == 0:
         return 0.0
     return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)

@@ -1,0 +1,1 @@
+"""The `caption_bleu` evaluate metric module (a package only so that setuptools installs its script)."""

@@ -1,0 +1,1 @@
+"""The `cider_d` evaluate metric module (a package only so that setuptools installs its script)."""

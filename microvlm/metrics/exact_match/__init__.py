@@ -1,0 +1,1 @@
+"""The `exact_match` evaluate metric module (a package only so that setuptools installs its script)."""
