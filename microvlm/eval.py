@@ -171,7 +171,7 @@ def recall_after_overwriting(model, processor, rows: list[dict], args: EvalArgum
 def asked_image_question(row: dict) -> dict:
     """The recall question turned into a question about the asked image, with that image in the input: what
     perception alone allows, an upper bound for recall through memory."""
-    return {"kind": "qa", "image": row["episode_images"][row["target_index"]], "text": QUESTIONS[_asked(row)], "answer": row["answer"]}
+    return {"kind": "qa", "image": row["episode_images"][row["target_index"]], "text": QUESTIONS[row["asked"]], "answer": row["answer"]}
 
 
 def _write_addresses(larimar, codes: torch.Tensor, batch: dict, target: torch.Tensor) -> torch.Tensor:
@@ -240,7 +240,7 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
     answers = [r["answer"] for r in questions]
     results["qa"] = {"model": exact_match(generate(model, processor, questions, args, "questions", use_memory=False), answers),
                      "blank images": exact_match(generate(model, processor, questions, args, "questions, blank", pixels=blank, use_memory=False), answers),
-                     "chance": sum(1 / ATTRIBUTES[_asked(r)] for r in questions) / max(len(questions), 1)}
+                     "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in questions) / max(len(questions), 1)}
 
     candidates = captions[: args.num_retrieval]
     recall_at_k, similarity = retrieval(model, processor, candidates)
@@ -258,7 +258,7 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
         "after another episode is written on top": exact_match(recall_after_overwriting(model, processor, recalls, args), answers),
         "asked image in context (upper bound)": exact_match(generate(model, processor, [asked_image_question(r) for r in recalls],
                                                                      args, "recall, image in context", use_memory=False), answers),
-        "chance": sum(1 / ATTRIBUTES[_asked(r)] for r in recalls) / max(len(recalls), 1),
+        "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in recalls) / max(len(recalls), 1),
         "by_position": {str(i + 1): exact_match([p for p, r in zip(with_memory, recalls) if r["target_index"] == i],
                                                 [r["answer"] for r in recalls if r["target_index"] == i])
                         for i in range(args.episode_size)},
@@ -278,11 +278,6 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
     results["analysis"]["memory_slots"] = memory_slot_usage(model, processor, recalls, args)
     results["headline"] = headline(results)
     return results, model, processor, captions, recalls, similarity
-
-
-def _asked(row: dict) -> str:
-    text = row["text"]
-    return "colour" if "colour" in text else "shape" if "shape" in text and "many" not in text else "count" if "many" in text else "position"
 
 
 def capacity_curve(model, processor, args: EvalArguments) -> dict[str, float]:

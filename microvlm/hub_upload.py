@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .configuration_microvlm import MicroVLMConfig
+
 logger = logging.getLogger("microvlm.hub_upload")
 
 CARD_TEMPLATE = """---
@@ -109,8 +111,8 @@ def to_yaml(value: Any, indent: int = 0) -> str:
 def model_card(folder: Path, repo_id: str, eval_results: dict[str, Any], license_name: str) -> str:
     config = json.loads((folder / "config.json").read_text())
     vision, text = config["vision_config"], config["text_config"]
-    patches = config.get("vision_num_patches") or (vision["image_size"] // vision["patch_size"]) ** 2
-    prefix = min(max(-(-patches // config["patches_per_prefix_token"]), config["min_prefix_tokens"]), config["max_prefix_tokens"])
+    microvlm_config = MicroVLMConfig.from_pretrained(folder)
+    patches, prefix = microvlm_config.num_patches, microvlm_config.num_image_tokens
     metadata = {
         "license": license_name,
         "library_name": "transformers",

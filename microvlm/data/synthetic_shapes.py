@@ -9,7 +9,8 @@ does appear in train.
 Three kinds of sample, all with one schema (see `FEATURES`):
 
 * ``caption``: `image`, `text` = "two red circles on the left".
-* ``qa``: `image`, `text` = a question on one attribute, `answer` = one word ("red", "two", "circle", "left").
+* ``qa``: `image`, `text` = a question on one attribute (`asked`), `answer` = one word ("red", "two", "circle",
+  "left").
 * ``recall``: `episode_images` (+ `episode_captions`) of `episode_size` images, `text` = a question about image
   `target_index + 1` ("what colour was the shape in image 2?"), `answer`; `image` is None: once the episode is
   out of the input, only an episodic memory can answer.
@@ -78,6 +79,7 @@ FEATURES = datasets.Features(
         "episode_captions": datasets.Sequence(datasets.Value("string")),
         "text": datasets.Value("string"),
         "answer": datasets.Value("string"),
+        "asked": datasets.Value("string"),
         "colour": datasets.Value("string"),
         "shape": datasets.Value("string"),
         "count": datasets.Value("int32"),
@@ -193,21 +195,23 @@ def make_sample(seed: int, split: str, index: int, kinds: tuple[str, ...], image
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     kind = kinds[rng.integers(len(kinds))]
     asked = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
-    sample = {"kind": kind, "image": None, "episode_images": [], "episode_captions": [], "answer": "", "target_index": -1}
+    sample = {"kind": kind, "image": None, "episode_images": [], "episode_captions": [], "answer": "", "asked": "",
+              "target_index": -1}
     if kind == "recall":
         episode = [_attributes(rng, split) for _ in range(episode_size)]
         target = int(rng.integers(episode_size))
         attributes = episode[target]
         sample["episode_images"] = [_png(render_image(**a, image_size=image_size, rng=rng)) for a in episode]
         sample["episode_captions"] = [caption_for(a) for a in episode]
-        sample.update(text=RECALL_QUESTIONS[asked].format(n=target + 1), answer=answer_for(attributes, asked), target_index=target)
+        sample.update(text=RECALL_QUESTIONS[asked].format(n=target + 1), answer=answer_for(attributes, asked), asked=asked,
+                      target_index=target)
     else:
         attributes = _attributes(rng, split)
         sample["image"] = _png(render_image(**attributes, image_size=image_size, rng=rng))
         if kind == "caption":
             sample["text"] = caption_for(attributes)
         else:
-            sample.update(text=QUESTIONS[asked], answer=answer_for(attributes, asked))
+            sample.update(text=QUESTIONS[asked], answer=answer_for(attributes, asked), asked=asked)
     sample.update(attributes)
     sample["held_out"] = (attributes["colour"], attributes["shape"]) in HELD_OUT_PAIRS
     return sample
