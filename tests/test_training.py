@@ -158,3 +158,14 @@ def test_two_cpu_processes_stay_in_sync(tmp_path):
     for name, tensor in sums[0]["trainable"].items():
         assert torch.equal(tensor, sums[1]["trainable"][name]), name
     assert any(not torch.equal(t, sums[0]["initial"][n]) for n, t in sums[0]["trainable"].items())
+
+
+def test_4bit_falls_back_to_full_precision_with_one_warning_on_unsupported_devices(caplog):
+    from microvlm.quantization import nf4_quantization_config
+
+    with caplog.at_level("WARNING"):
+        assert nf4_quantization_config("meta") is None
+    assert len(caplog.records) == 1 and "full precision" in caplog.records[0].getMessage()
+    config = nf4_quantization_config("cpu")
+    assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
+    assert config.bnb_4bit_compute_dtype == torch.float32
