@@ -261,7 +261,7 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
         "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in recalls) / max(len(recalls), 1),
         "by_position": {str(i + 1): exact_match([p for p, r in zip(with_memory, recalls) if r["target_index"] == i],
                                                 [r["answer"] for r in recalls if r["target_index"] == i])
-                        for i in range(args.episode_size)},
+                        for i in range(args.episode_size) if any(r["target_index"] == i for r in recalls)},
         "slots": model.config.memory_num_slots,
     }
     results["recall"]["capacity"] = capacity_curve(model, processor, args)
