@@ -82,7 +82,7 @@ class MemoryCheckpointCallback(TrainerCallback):
     learned prior is a parameter and is saved with the weights anyway."""
 
     def on_save(self, args, state, control, model=None, **kwargs):
-        if model is None or not state.is_world_process_zero or getattr(model, "episodic_state", None) is None:
+        if model is None or not state.is_world_process_zero or not getattr(model, "memory_written", False):
             return
         folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if os.path.isdir(folder):

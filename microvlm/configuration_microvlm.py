@@ -67,6 +67,13 @@ class MicroVLMConfig(PretrainedConfig):
             Weights of the loss terms: LM + α·InfoNCE + β·memory KL + γ·addressing KL.
         use_memory (`bool`), memory_num_slots (`int`), memory_episode_size (`int`), memory_* :
             Larimar episodic memory settings (see `larimar_memory.py`).
+        memory_key_dim (`int`): width of a code's key, the part that addresses (see `memory_encoder.py`); codes
+            are `memory_key_dim` + hidden size wide. Must be >= `memory_num_slots` for exact key reads.
+        memory_key_kernel_size (`int`): tokens of context the key's convolution sees ("image 1 2" vs "image 1").
+        memory_addressing_log_variance_init (`float`): initial log-variance of the training reads' address noise
+            (see `LarimarMemory`).
+        memory_step_loss_weight (`float`): weight of the addressing loss that teaches a recall question's key to
+            find the asked step (needs `memory_target_step` in the batch).
         memory_use_bitnet (`bool`): BitNet b1.58 ternary weights (8-bit activations) for W_M and ScopeNet.
         scope_hidden_size (`int`), scope_threshold (`float`): ScopeNet gate width and inference threshold.
         scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_labels`, when a batch carries them.
@@ -102,6 +109,10 @@ class MicroVLMConfig(PretrainedConfig):
         memory_pinv_steps: int = 15,
         memory_use_lstm: bool = False,
         memory_tokens_per_read: int = 1,
+        memory_key_dim: int = 512,
+        memory_key_kernel_size: int = 3,
+        memory_step_loss_weight: float = 1.0,
+        memory_addressing_log_variance_init: float = -9.0,
         memory_use_bitnet: bool = False,
         scope_hidden_size: int = 256,
         scope_threshold: float = 0.5,
@@ -133,6 +144,10 @@ class MicroVLMConfig(PretrainedConfig):
         self.memory_pinv_steps = memory_pinv_steps
         self.memory_use_lstm = memory_use_lstm
         self.memory_tokens_per_read = memory_tokens_per_read
+        self.memory_key_dim = memory_key_dim
+        self.memory_key_kernel_size = memory_key_kernel_size
+        self.memory_step_loss_weight = memory_step_loss_weight
+        self.memory_addressing_log_variance_init = memory_addressing_log_variance_init
         self.memory_use_bitnet = memory_use_bitnet
         self.scope_hidden_size = scope_hidden_size
         self.scope_threshold = scope_threshold
@@ -157,6 +172,12 @@ class MicroVLMConfig(PretrainedConfig):
             raise ValueError(
                 f"MicroVLMConfig.adapter_num_heads={self.adapter_num_heads} must divide the text hidden size "
                 f"{self.text_config.hidden_size}"
+            )
+        if self.memory_key_dim < self.memory_num_slots:
+            raise ValueError(
+                f"MicroVLMConfig.memory_key_dim={self.memory_key_dim} must be >= memory_num_slots="
+                f"{self.memory_num_slots}: with fewer key dims than slots a read cannot find the address a step was "
+                "written at. Raise memory_key_dim or lower memory_num_slots."
             )
         if self.alignment_temperature <= 0:
             raise ValueError(f"MicroVLMConfig.alignment_temperature must be > 0, got {self.alignment_temperature}")

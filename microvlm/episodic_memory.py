@@ -1,7 +1,10 @@
-"""MicroVLM's episodic memory module: the Larimar memory, ScopeNet and W_M, plus the memory written at inference.
+"""MicroVLM's episodic memory module: the memory encoder, the Larimar memory, ScopeNet and W_M, plus the memory
+written at inference.
 
-Codes in, per-layer key/values out: `read` turns pooled contexts (B, C) into (key, value) pairs shaped like the
-language model's GQA cache, an attention mask for those memory columns, ScopeNet's gate and the KL terms.
+Embeddings in, per-layer key/values out: `encode` turns token embeddings into codes (key + value, see
+`memory_encoder.py`), `write` stores episodes of codes, `read` turns question codes (B, C) into (key, value) pairs
+shaped like the language model's GQA cache, an attention mask for those memory columns, ScopeNet's gate and the
+KL terms; `step_loss` is the training signal that teaches a question's key to find the step it asks about.
 """
 
 import os
@@ -15,6 +18,7 @@ from transformers.modeling_outputs import ModelOutput
 from .bitnet import convert_linear_to_bitlinear
 from .configuration_microvlm import MicroVLMConfig
 from .larimar_memory import LarimarMemory, MemoryState
+from .memory_encoder import MemoryEncoder
 from .memory_injection import MemoryKVProjection, ScopeNet
 
 MEMORY_STATE_FILE = "memory_state.safetensors"
@@ -30,42 +34,72 @@ class MemoryRead(ModelOutput):
     gate: torch.Tensor | None = None
     memory_kl: torch.Tensor | None = None
     addressing_kl: torch.Tensor | None = None
+    step_loss: torch.Tensor | None = None
 
 
 class MicroVLMEpisodicMemory(nn.Module):
-    """Larimar memory (`larimar`), W_M (`projection`) and ScopeNet (`scope_net`), sized from the config.
+    """Memory encoder (`encoder`), Larimar memory (`larimar`), W_M (`projection`) and ScopeNet (`scope_net`),
+    sized from the config. Codes are `memory_key_dim` + hidden-size wide.
 
-    `state` is the memory written by `write` (None: nothing written); reads without an explicit state use it.
+    `state` is the memory written at inference by `append` (None: nothing written); reads without an explicit
+    state use it.
     """
 
     def __init__(self, config: MicroVLMConfig):
         super().__init__()
         text = config.text_config
         hidden = text.hidden_size
+        code_dim = config.memory_key_dim + hidden
         self.config = config  # read at call time: the scope threshold may be changed on a loaded model
+        self.encoder = MemoryEncoder(hidden, config.memory_key_dim, hidden, config.memory_key_kernel_size)
         self.larimar = LarimarMemory(
             num_slots=config.memory_num_slots,
-            code_dim=hidden,
+            code_dim=code_dim,
+            key_dim=config.memory_key_dim,
             observation_noise_std=config.memory_observation_noise_std,
             pinv_method=config.memory_pinv_method,
             pinv_steps=config.memory_pinv_steps,
             use_lstm=config.memory_use_lstm,
+            addressing_log_variance_init=config.memory_addressing_log_variance_init,
         )
         self.projection = MemoryKVProjection(
-            code_dim=hidden,
+            code_dim=code_dim,
             num_layers=text.num_hidden_layers,
             num_key_value_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
             head_dim=getattr(text, "head_dim", None) or hidden // text.num_attention_heads,
             tokens_per_read=config.memory_tokens_per_read,
         )
-        self.scope_net = ScopeNet(hidden, config.scope_hidden_size)
+        self.scope_net = ScopeNet(code_dim, config.scope_hidden_size)
         if config.memory_use_bitnet:  # BitNet b1.58 ternary W_M and ScopeNet (same parameter names)
             convert_linear_to_bitlinear(self, names=["projection", "scope_net"])
         self.state: MemoryState | None = None
 
-    def write_episodes(self, codes: torch.Tensor, weight: float | torch.Tensor = 1.0) -> MemoryState:
-        """Write codes (E, B, C) — one episode per batch row — into fresh memories (the learned prior)."""
-        return self.larimar.write(codes, self.larimar.prior(codes.shape[1]), weight=weight)
+    def write(self, codes: torch.Tensor, weight: float | torch.Tensor = 1.0, state: MemoryState | None = None) -> MemoryState:
+        """Write codes (E, B, C) — one episode per batch row — on top of `state` (default: fresh memories, the
+        learned prior). `weight` (float or (E, B)): 1 writes, 0 skips a step, −1 forgets a step written before."""
+        state = self.larimar.prior(codes.shape[1]) if state is None else self._broadcast(state, codes.shape[1])
+        return self.larimar.write(codes, state, weight=weight)
+
+    def step_loss(self, questions: torch.Tensor, steps: torch.Tensor, step_mask: torch.Tensor,
+                  target: torch.Tensor) -> torch.Tensor | None:
+        r"""Addressing loss: cross-entropy over each episode's steps of cos(question key, step key)/τ, τ = 0.1.
+
+        questions (B, C), steps (E, B, C) codes; step_mask (E, B) real steps; target (B,) the asked step, −100 for
+        rows that ask none. Keys are centred on the mean of the batch's real step keys first: a direction shared
+        by every key would otherwise make every cosine ≈ 1 and the gradient vanish. Returns None when no row asks.
+        """
+        rows = target >= 0
+        if not bool(rows.any()):
+            return None
+        mask = step_mask.bool().T  # (B, E)
+        key_dim = self.config.memory_key_dim
+        step_keys = steps[..., :key_dim].transpose(0, 1).float()  # (B, E, d_k)
+        centre = step_keys[mask].mean(0)
+        step_keys = nn.functional.normalize(step_keys - centre, dim=-1)
+        question_keys = nn.functional.normalize(questions[..., :key_dim].float() - centre, dim=-1)
+        logits = torch.einsum("bd,bed->be", question_keys, step_keys) / 0.1
+        logits = logits.masked_fill(~mask, float("-inf"))
+        return nn.functional.cross_entropy(logits[rows], target[rows])
 
     def read(self, codes: torch.Tensor, state: MemoryState | None = None) -> MemoryRead:
         """Read codes (B, C) from `state`, else from the written memory, else from each row's own code written
@@ -78,7 +112,7 @@ class MicroVLMEpisodicMemory(nn.Module):
         batch = codes.shape[0]
         state = state if state is not None else self.state
         if state is None:
-            state = self.larimar.write(codes.unsqueeze(0), self.larimar.prior(batch))
+            state = self.write(codes.unsqueeze(0))
         readout, kl_terms = self.larimar.read(codes.unsqueeze(0), self._broadcast(state, batch))
         gate = self.scope_net(codes)
         key_values = self.projection(readout[0].unsqueeze(1).to(codes.dtype))
@@ -107,9 +141,9 @@ class MicroVLMEpisodicMemory(nn.Module):
         return self.state if self.state is not None else self.larimar.prior(1)
 
     @torch.no_grad()
-    def write(self, codes: torch.Tensor, weight: float = 1.0) -> MemoryState:
+    def append(self, codes: torch.Tensor, weight: float = 1.0) -> MemoryState:
         """Append one episode, codes (E, C) in order, to the written memory."""
-        self.state = self.larimar.write(codes.unsqueeze(1), self.current_state, weight=weight)
+        self.state = self.write(codes.unsqueeze(1), weight, self.current_state)
         return self.state
 
     def reset(self) -> None:
@@ -117,6 +151,7 @@ class MicroVLMEpisodicMemory(nn.Module):
 
     def save(self, directory: str | os.PathLike) -> None:
         state = self.current_state
+        os.makedirs(directory, exist_ok=True)
         save_file({"mean": state.mean.contiguous(), "cov": state.cov.contiguous()}, os.path.join(directory, MEMORY_STATE_FILE))
 
     def load(self, directory: str | os.PathLike) -> None:

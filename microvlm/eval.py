@@ -33,7 +33,8 @@ from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 from .analysis import attention_stats, epps_pulley_null, recall_from_similarity, slot_utilisation, sliced_epps_pulley
 from .data.collator import MicroVLMCollator
 from .data.real_photos import load_real_photos
-from .data.synthetic_shapes import COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset, parse_attributes
+from .data.synthetic_shapes import (COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset,
+                                    edited_recall_sample, parse_attributes)
 from .metrics import caption_metrics, load_metric
 
 logger = logging.getLogger("microvlm.eval")
@@ -64,11 +65,11 @@ def batches(rows: list[dict], size: int, description: str):
 def generate(model, processor, rows: list[dict], args: EvalArguments, description: str, with_episodes: bool = False,
              pixels=None, episodes=None, **generate_kwargs) -> list[str]:
     """Greedy answers for `rows`. `pixels(batch)` / `episodes(batch)` may alter the inputs (baselines)."""
-    collator = MicroVLMCollator(processor, with_episodes=with_episodes, episode_size=args.episode_size, prompts_only=True)
+    collator = MicroVLMCollator(processor, with_episodes=with_episodes, prompts_only=True)
     outputs = []
     for chunk in batches(rows, args.batch_size, description):
         batch = collator(chunk)
-        batch.pop("labels"), batch.pop("scope_labels")
+        batch.pop("labels"), batch.pop("scope_labels"), batch.pop("memory_target_step", None)
         if pixels is not None and "pixel_values" in batch:
             batch["pixel_values"] = pixels(batch["pixel_values"])
         if episodes is not None:
@@ -130,59 +131,61 @@ def other_episode(batch: dict) -> dict:
 
 
 @torch.no_grad()
-def recall_after_forgetting(model, processor, rows: list[dict], args: EvalArguments) -> list[str]:
-    """Write each row's episode, then write its asked image again with weight −1 (same addresses): forgetting."""
-    collator = MicroVLMCollator(processor, with_episodes=True, episode_size=args.episode_size, prompts_only=True)
-    larimar = model.model.memory.larimar
-    outputs = []
-    for chunk in batches(rows, args.batch_size, "recall after forgetting"):
-        batch = collator(chunk)
-        codes = model.model.episode_codes(batch["episode_input_ids"], batch["episode_attention_mask"], batch["episode_pixel_values"])
-        state = model.model.memory.write_episodes(codes, batch["episode_mask"].transpose(0, 1))
-        target = torch.tensor([r["target_index"] for r in chunk])
-        asked = codes[target, torch.arange(len(chunk))].unsqueeze(0)  # (1, B, C)
-        # The addresses of a write are those against the memory before it; recompute them from the state just
-        # before the asked step by replaying the episode up to it, row by row.
-        forgotten = larimar.write(asked, state, weight=-1.0, addresses=_write_addresses(larimar, codes, batch, target))
-        tokens = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], memory_state=forgotten,
-                                use_memory=True, max_new_tokens=args.max_new_tokens, do_sample=False)
-        outputs += processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [text.strip() for text in outputs]
+def recall_after_memory_edits(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, list[str]]:
+    """Answers to each row's question after its episode is written and then changed, through the model's memory
+    API (`write_episodes`):
+
+    * "after forgetting the asked image": the asked step written again with weight −1;
+    * "after editing": the asked step forgotten, then a different image (`edited_recall_sample`, differing in the
+      asked attribute) written in its place;
+    * "after another episode is written on top": the next row's episode written over it.
+    """
+    collator = MicroVLMCollator(processor, with_episodes=True, prompts_only=True)
+    edited_rows = [edited_recall_sample(row, index, args.seed) for index, row in enumerate(rows)]
+    outputs: dict[str, list[str]] = {"after forgetting the asked image": [], "after editing": [],
+                                     "after another episode is written on top": []}
+    for start in tqdm(range(0, len(rows), args.batch_size), desc="recall after memory edits", leave=False):
+        batch, edited = collator(rows[start : start + args.batch_size]), collator(edited_rows[start : start + args.batch_size])
+        episode = [batch[k] for k in ("episode_input_ids", "episode_attention_mask", "episode_pixel_values")]
+        replacement = [edited[k] for k in ("episode_input_ids", "episode_attention_mask", "episode_pixel_values")]
+        steps = batch["episode_mask"]
+        asked = torch.nn.functional.one_hot(batch["memory_target_step"], steps.shape[1]).to(steps.dtype) * steps
+        state = model.write_episodes(*episode, steps)
+        forgotten = model.write_episodes(*episode, asked, weight=-1.0, memory_state=state)
+        states = {"after forgetting the asked image": forgotten,
+                  "after editing": model.write_episodes(*replacement, asked, memory_state=forgotten),
+                  "after another episode is written on top": model.write_episodes(
+                      *(t.roll(1, dims=0) for t in episode), steps.roll(1, dims=0), memory_state=state)}
+        for name, memory_state in states.items():
+            tokens = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_memory=True,
+                                    memory_state=memory_state, max_new_tokens=args.max_new_tokens, do_sample=False)
+            outputs[name] += [t.strip() for t in processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :],
+                                                                         skip_special_tokens=True)]
+    outputs["edited answers"] = [row["answer"] for row in edited_rows]
+    return outputs
 
 
 @torch.no_grad()
-def recall_after_overwriting(model, processor, rows: list[dict], args: EvalArguments) -> list[str]:
-    """Write each row's episode, then the next row's episode on top of it, and ask about the first."""
-    collator = MicroVLMCollator(processor, with_episodes=True, episode_size=args.episode_size, prompts_only=True)
-    memory = model.model.memory
-    outputs = []
-    for chunk in batches(rows, args.batch_size, "recall after overwriting"):
+def scope_decisions(model, processor, rows: list[dict], args: EvalArguments, memory_state) -> dict[str, float]:
+    """ScopeNet's decisions at inference: the fraction of recall rows it lets read the memory and of caption/qa
+    rows it keeps away from it (gate >= `scope_threshold`), reading `memory_state`."""
+    collator = MicroVLMCollator(processor, prompts_only=True)
+    opened = {"recall": [], "other": []}
+    for chunk in batches(rows, args.batch_size, "scope decisions"):
         batch = collator(chunk)
-        codes = model.model.episode_codes(batch["episode_input_ids"], batch["episode_attention_mask"], batch["episode_pixel_values"])
-        mask = batch["episode_mask"].transpose(0, 1)
-        state = memory.write_episodes(codes, mask)
-        state = memory.larimar.write(codes.roll(1, dims=1), state, weight=mask.roll(1, dims=1))
-        tokens = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], memory_state=state,
-                                use_memory=True, max_new_tokens=args.max_new_tokens, do_sample=False)
-        outputs += processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [text.strip() for text in outputs]
+        batch.pop("labels"), batch.pop("scope_labels")
+        gate = model(**batch, use_memory=True, memory_state=memory_state).scope_gate
+        for row, value in zip(chunk, (gate >= model.config.scope_threshold).tolist()):
+            opened["recall" if row["kind"] == "recall" else "other"].append(value)
+    on, off = sum(opened["recall"]), len(opened["other"]) - sum(opened["other"])
+    return {"recall rows on": on / max(len(opened["recall"]), 1), "caption/qa rows off": off / max(len(opened["other"]), 1),
+            "accuracy": (on + off) / max(len(rows), 1)}
 
 
 def asked_image_question(row: dict) -> dict:
     """The recall question turned into a question about the asked image, with that image in the input: what
     perception alone allows, an upper bound for recall through memory."""
     return {"kind": "qa", "image": row["episode_images"][row["target_index"]], "text": QUESTIONS[row["asked"]], "answer": row["answer"]}
-
-
-def _write_addresses(larimar, codes: torch.Tensor, batch: dict, target: torch.Tensor) -> torch.Tensor:
-    """(1, B, K) addresses each row's asked step was written at."""
-    rows = []
-    for row in range(codes.shape[1]):
-        steps = int(target[row])
-        prior = larimar.prior(1)
-        state = larimar.write(codes[:steps, row : row + 1], prior, weight=batch["episode_mask"][row, :steps].unsqueeze(1)) if steps else prior
-        rows.append(larimar.address(codes[steps : steps + 1, row : row + 1], state)[0, 0])
-    return torch.stack(rows).unsqueeze(0)
 
 
 @torch.no_grad()
@@ -220,10 +223,15 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
     recalls = [r for r in rows if r["kind"] == "recall"]
     results: dict[str, Any] = {"model_dir": args.model_dir, "dataset": "microvlm-synthetic-shapes", "split": "test",
                                "arguments": asdict(args), "counts": {"caption": len(captions), "qa": len(questions), "recall": len(recalls)}}
+    # A written memory for the rows that should not use it (ScopeNet must keep them away): the first recall episode.
+    first = MicroVLMCollator(processor, with_episodes=True)(recalls[:1])
+    written = model.write_episodes(first["episode_input_ids"], first["episode_attention_mask"],
+                                   first["episode_pixel_values"], first["episode_mask"])
 
     predictions = {"model": generate(model, processor, captions, args, "captions", use_memory=False),
                    "blank images": generate(model, processor, captions, args, "captions, blank", pixels=blank, use_memory=False),
-                   "shuffled images": generate(model, processor, captions, args, "captions, shuffled", pixels=shuffled, use_memory=False)}
+                   "shuffled images": generate(model, processor, captions, args, "captions, shuffled", pixels=shuffled, use_memory=False),
+                   "memory on": generate(model, processor, captions, args, "captions, memory on", use_memory=True, memory_state=written)}
     references = [[r["text"]] for r in captions]
     seen = [i for i, r in enumerate(captions) if not r["held_out"]]
     held_out = [i for i, r in enumerate(captions) if r["held_out"]]
@@ -239,6 +247,8 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
 
     answers = [r["answer"] for r in questions]
     results["qa"] = {"model": exact_match(generate(model, processor, questions, args, "questions", use_memory=False), answers),
+                     "memory on": exact_match(generate(model, processor, questions, args, "questions, memory on", use_memory=True,
+                                                       memory_state=written), answers),
                      "blank images": exact_match(generate(model, processor, questions, args, "questions, blank", pixels=blank, use_memory=False), answers),
                      "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in questions) / max(len(questions), 1)}
 
@@ -248,22 +258,30 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
 
     answers = [r["answer"] for r in recalls]
     with_memory = generate(model, processor, recalls, args, "recall, memory", with_episodes=True)
+    edits = recall_after_memory_edits(model, processor, recalls, args)
+    model.reset_memory()
     results["recall"] = {
         "memory": exact_match(with_memory, answers),
         "no memory": exact_match(generate(model, processor, recalls, args, "recall, no memory", use_memory=False), answers),
         "empty memory": exact_match(generate(model, processor, recalls, args, "recall, empty", use_memory=True,
-                                             memory_state=model.model.memory.larimar.prior(1)), answers),
+                                             memory_state=model.memory_state), answers),
         "another episode's memory": exact_match(generate(model, processor, recalls, args, "recall, other episode", with_episodes=True, episodes=other_episode), answers),
-        "after forgetting the asked image": exact_match(recall_after_forgetting(model, processor, recalls, args), answers),
-        "after another episode is written on top": exact_match(recall_after_overwriting(model, processor, recalls, args), answers),
+        "after forgetting the asked image": exact_match(edits["after forgetting the asked image"], answers),
+        "after editing: the new image's answer": exact_match(edits["after editing"], edits["edited answers"]),
+        "after editing: the old image's answer": exact_match(edits["after editing"], answers),
+        "after another episode is written on top": exact_match(edits["after another episode is written on top"], answers),
         "asked image in context (upper bound)": exact_match(generate(model, processor, [asked_image_question(r) for r in recalls],
                                                                      args, "recall, image in context", use_memory=False), answers),
         "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in recalls) / max(len(recalls), 1),
         "by_position": {str(i + 1): exact_match([p for p, r in zip(with_memory, recalls) if r["target_index"] == i],
                                                 [r["answer"] for r in recalls if r["target_index"] == i])
                         for i in range(args.episode_size) if any(r["target_index"] == i for r in recalls)},
+        "by_attribute": {name: exact_match([p for p, r in zip(with_memory, recalls) if r["asked"] == name],
+                                           [r["answer"] for r in recalls if r["asked"] == name])
+                         for name in ATTRIBUTES if any(r["asked"] == name for r in recalls)},
         "slots": model.config.memory_num_slots,
     }
+    results["scope"] = scope_decisions(model, processor, rows, args, written)
     results["recall"]["capacity"] = capacity_curve(model, processor, args)
 
     photos = load_real_photos()
@@ -292,11 +310,9 @@ def capacity_curve(model, processor, args: EvalArguments) -> dict[str, float]:
 
 @torch.no_grad()
 def memory_slot_usage(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, float]:
-    collator = MicroVLMCollator(processor, with_episodes=True, episode_size=args.episode_size)
-    batch = collator(rows[: args.batch_size])
-    codes = model.model.episode_codes(batch["episode_input_ids"], batch["episode_attention_mask"], batch["episode_pixel_values"])
-    state = model.model.memory.write_episodes(codes, batch["episode_mask"].transpose(0, 1))
-    return slot_utilisation(model.model.memory.larimar.address(codes, state))
+    batch = MicroVLMCollator(processor, with_episodes=True)(rows[: args.batch_size])
+    return slot_utilisation(model.memory_addresses(batch["episode_input_ids"], batch["episode_attention_mask"],
+                                                   batch["episode_pixel_values"], batch["episode_mask"]))
 
 
 def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
@@ -330,7 +346,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     (output / "eval_results.json").write_text(json.dumps(results, indent=2))
     from .report import write_plots, write_report
 
-    plots = write_plots(output, args.model_dir, model, processor, captions, recalls, similarity, args.episode_size)
+    plots = write_plots(output, args.model_dir, model, processor, captions, recalls, similarity)
     write_report(output / "report.md", results, plots)
     logger.info("report: %s", output / "report.md")
     return results

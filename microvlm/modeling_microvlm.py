@@ -27,6 +27,7 @@ from .memory_cache import MemoryCache
 # transformers 5.0 copies only the direct relative imports of a local remote-code folder: name every module the
 # model needs here, even those only used through another one.
 from .bitnet import BitLinear  # noqa: F401
+from .memory_encoder import MemoryEncoder  # noqa: F401
 from .memory_injection import MemoryKVProjection, ScopeNet  # noqa: F401
 from .vision_adapter import MicroVLMVisionAdapter
 
@@ -68,6 +69,8 @@ class MicroVLMCausalLMOutput(ModelOutput):
         image_prefix: (images, k, hidden) the adapter's prefix tokens.
         image_attention: (images, k, num_patches) the adapter's pooling attention, when `output_attentions`.
         memory_kl, addressing_kl: Larimar's KL terms (see `LarimarMemory.read`), when the memory was read.
+        memory_step_loss: cross-entropy that each recall question's key picks the step it asks about (see
+            `MicroVLMEpisodicMemory.step_loss`), when the batch has episodes and `memory_target_step`.
         scope_gate: (batch,) ScopeNet's gate in [0, 1]; at inference rows below `scope_threshold` got no memory.
         scope_loss: BCE of `scope_gate` against the `scope_labels` given to `forward`.
     """
@@ -84,6 +87,7 @@ class MicroVLMCausalLMOutput(ModelOutput):
     image_attention: torch.FloatTensor | None = None
     memory_kl: torch.FloatTensor | None = None
     addressing_kl: torch.FloatTensor | None = None
+    memory_step_loss: torch.FloatTensor | None = None
     scope_gate: torch.FloatTensor | None = None
     scope_loss: torch.FloatTensor | None = None
 
@@ -131,7 +135,7 @@ class MicroVLMPreTrainedModel(PreTrainedModel):
         elif isinstance(module, LarimarMemory):
             init.normal_(module.prior_mean, mean=0.0, std=1.0)  # unit scale, like the layer-normed codes
             init.zeros_(module.prior_log_variance)
-            init.constant_(module.addressing_log_variance, -4.0)
+            init.constant_(module.addressing_log_variance, module.addressing_log_variance_init)
 
 
 class MicroVLMModel(MicroVLMPreTrainedModel):
@@ -187,22 +191,38 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
         mask = self.image_placeholder_mask(input_ids, pixel_values.shape[0]).unsqueeze(-1)
         return embeds.masked_scatter(mask, image.prefix.to(embeds.dtype)), image
 
-    @staticmethod
-    def memory_codes(inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """Pooled context (B, C): the mean of the fused prefix+text embeddings (B, T, C) over real tokens."""
-        if attention_mask is None:
-            return inputs_embeds.mean(1)
-        return masked_mean(inputs_embeds, attention_mask[:, -inputs_embeds.shape[1] :].bool())
+    def memory_codes(
+        self, inputs_embeds: torch.Tensor, input_ids: torch.LongTensor | None, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Memory codes (B, C) of fused embeddings (B, T, D) over the tokens where `mask` (B, T) is 1 (default
+        all): image-prefix tokens (placeholders in `input_ids`) feed the value, text tokens key and value."""
+        seq_len = inputs_embeds.shape[1]
+        real = torch.ones(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        if mask is not None:
+            real = mask[:, -seq_len:].bool()
+        image = input_ids == self.config.image_token_id if input_ids is not None else torch.zeros_like(real)
+        return self.memory.encoder(inputs_embeds, real & ~image, real & image)
 
     def episode_codes(
-        self, input_ids: torch.LongTensor, attention_mask: torch.Tensor, pixel_values: torch.FloatTensor | None
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.FloatTensor | None,
+        episode_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Codes (E, B, C) of episodes given as (B, E, T) ids/mask and (B, E, 3, H, W) pixels (or None)."""
+        """Codes (E, B, C) of episodes given as (B, E, T) ids/mask and (B, E, 3, H, W) pixels (or None).
+
+        Only the real steps (`episode_mask` (B, E) > 0, default all) are encoded; padding steps get zero codes.
+        """
         batch, steps = input_ids.shape[:2]
-        pixels = pixel_values.flatten(0, 1) if pixel_values is not None else None
-        flat_mask = attention_mask.flatten(0, 1)
-        embeds, _ = self.fused_embeddings(input_ids.flatten(0, 1), pixels)
-        return self.memory_codes(embeds, flat_mask).view(batch, steps, -1).transpose(0, 1)
+        real = (episode_mask > 0).flatten() if episode_mask is not None else torch.ones(batch * steps, dtype=torch.bool)
+        real = real.to(input_ids.device)
+        ids, mask = input_ids.flatten(0, 1)[real], attention_mask.flatten(0, 1)[real]
+        pixels = pixel_values.flatten(0, 1)[real] if pixel_values is not None else None
+        embeds, _ = self.fused_embeddings(ids, pixels)
+        codes = self.memory_codes(embeds, ids, mask)
+        out = codes.new_zeros(batch * steps, codes.shape[-1]).index_put((real.nonzero()[:, 0],), codes)
+        return out.view(batch, steps, -1).transpose(0, 1)
 
     def forward(
         self,
@@ -221,6 +241,8 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
         episode_attention_mask: torch.Tensor | None = None,
         episode_pixel_values: torch.FloatTensor | None = None,
         episode_mask: torch.Tensor | None = None,
+        memory_query_mask: torch.Tensor | None = None,
+        memory_target_step: torch.LongTensor | None = None,
         **kwargs,
     ) -> MicroVLMModelOutput:
         r"""
@@ -237,6 +259,10 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
                 per row, written into a fresh memory that the row then reads: how the episodic-recall task trains
                 and is evaluated. `episode_mask` (B, E) marks real steps; padding steps are written with weight 0.
                 Implies `use_memory=True`.
+            memory_query_mask: (B, T) the tokens the read code pools over (default: every real token, which in
+                `generate` is the prompt). [`MicroVLMForCausalLM`] derives it from `labels`: the prompt only, so
+                no target token ever reaches the read and training reads like `generate`.
+            memory_target_step: (B,) the episode step each row asks about (−100: none); gives `step_loss`.
             kwargs: passed to the language model.
         """
         if (input_ids is None) == (inputs_embeds is None):
@@ -247,20 +273,25 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
         elif pixel_values is not None:
             raise ValueError("MicroVLM.forward: pixel_values need input_ids to locate the image placeholders")
 
-        memory = None
+        memory = steps = None
         first_call = past_key_values is None or past_key_values.get_seq_length() == 0
         if first_call and episode_input_ids is not None:
             use_memory = True
-            codes = self.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values)
+            steps = self.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
             weight = episode_mask.transpose(0, 1) if episode_mask is not None else 1.0
-            memory_state = self.memory.write_episodes(codes, weight)
+            memory_state = self.memory.write(steps, weight)
         if (self.config.use_memory if use_memory is None else use_memory) and first_call:
             if _is_checkpointing(self.language_model) and self.training:
                 raise ValueError(
                     "MicroVLM: the episodic memory reaches the LM as past_key_values, which transformers' gradient "
                     "checkpointing drops. Train with use_memory=False, or disable gradient checkpointing."
                 )
-            memory = self.memory.read(self.memory_codes(inputs_embeds, attention_mask), memory_state)
+            query_mask = attention_mask if memory_query_mask is None else memory_query_mask
+            questions = self.memory_codes(inputs_embeds, input_ids, query_mask)
+            memory = self.memory.read(questions, memory_state)
+            if steps is not None and memory_target_step is not None:
+                step_mask = episode_mask.T if episode_mask is not None else torch.ones(steps.shape[:2])
+                memory.step_loss = self.memory.step_loss(questions, steps, step_mask, memory_target_step)
             # A fresh cache per sequence: caches are mutated in place, so one must never be reused.
             past_key_values = MemoryCache(self.config.text_config, memory.key_values, memory.mask)
 
@@ -345,16 +376,23 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         episode_attention_mask: torch.Tensor | None = None,
         episode_pixel_values: torch.FloatTensor | None = None,
         episode_mask: torch.Tensor | None = None,
+        memory_query_mask: torch.Tensor | None = None,
+        memory_target_step: torch.LongTensor | None = None,
         scope_labels: torch.Tensor | None = None,
         **kwargs,
     ) -> MicroVLMCausalLMOutput:
         r"""
         Args: as [`MicroVLMModel.forward`], plus
             labels: (B, T) next-token targets aligned with `input_ids` (shifted inside); -100 is ignored, and so are
-                image placeholders and padding whatever their label.
+                image placeholders and padding whatever their label. The memory is read from the prompt: the
+                tokens before the first labelled one.
             logits_to_keep: compute logits for the last N positions only (0: all).
+            memory_query_mask: as [`MicroVLMModel.forward`]; derived from `labels` when they are given.
             scope_labels: (B,) 1 where a row needs the memory, 0 where it does not; trains ScopeNet.
         """
+        text_labels = self._text_only_labels(labels, input_ids, attention_mask) if labels is not None else None
+        if memory_query_mask is None and text_labels is not None:
+            memory_query_mask = self._prompt_mask(text_labels, attention_mask)
         outputs = self.model(
             input_ids=input_ids,
             pixel_values=pixel_values,
@@ -371,6 +409,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             episode_attention_mask=episode_attention_mask,
             episode_pixel_values=episode_pixel_values,
             episode_mask=episode_mask,
+            memory_query_mask=memory_query_mask,
+            memory_target_step=memory_target_step,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -382,7 +422,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         text_mask = attention_mask
         loss = lm_loss = alignment_loss = alignment_logits = scope_loss = None
         if labels is not None:
-            lm_loss = ForCausalLMLoss(logits, self._text_only_labels(labels, input_ids, text_mask), self.config.text_config.vocab_size)
+            lm_loss = ForCausalLMLoss(logits, text_labels, self.config.text_config.vocab_size)
             loss = self.config.lm_loss_weight * lm_loss
             if image is not None and self.config.alignment_loss_weight:
                 alignment_loss, alignment_logits = self._alignment(image, input_ids, text_mask)
@@ -390,6 +430,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             if memory is not None:
                 loss = loss + self.config.memory_kl_weight * memory.memory_kl
                 loss = loss + self.config.addressing_kl_weight * memory.addressing_kl
+                if memory.step_loss is not None:
+                    loss = loss + self.config.memory_step_loss_weight * memory.step_loss
         if memory is not None and scope_labels is not None:
             scope_loss = nn.functional.binary_cross_entropy(memory.gate.float(), scope_labels.float())
             loss = scope_loss * self.config.scope_loss_weight + (loss if loss is not None else 0.0)
@@ -407,6 +449,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             image_attention=image.attention if image is not None else None,
             memory_kl=memory.memory_kl if memory is not None else None,
             addressing_kl=memory.addressing_kl if memory is not None else None,
+            memory_step_loss=memory.step_loss if memory is not None else None,
             scope_gate=memory.gate if memory is not None else None,
             scope_loss=scope_loss,
         )
@@ -421,6 +464,14 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         if text_mask is not None and text_mask.dim() == 2:
             labels[text_mask[:, -labels.shape[1] :] == 0] = -100
         return labels
+
+    @staticmethod
+    def _prompt_mask(labels: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """(B, T) 1 on the real tokens before the first labelled one: the prompt, what `generate` would see."""
+        prompt = (labels != -100).long().cumsum(-1) == 0
+        if attention_mask is not None and attention_mask.dim() == 2:
+            prompt = prompt & attention_mask[:, -labels.shape[1] :].bool()
+        return prompt.long()
 
     def _alignment(
         self, image: MicroVLMImageFeatures, input_ids: torch.LongTensor, text_mask: torch.Tensor | None
@@ -457,9 +508,26 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         """The written episodic memory (M (1, K, C), Σ (1, K, K)); the learned prior when nothing was written."""
         return self.model.memory.current_state
 
+    @property
+    def memory_written(self) -> bool:
+        """Whether anything was written since loading (or the last `reset_memory()`)."""
+        return self.model.memory.state is not None
+
     def reset_memory(self) -> None:
         """Forget every episode written since loading."""
         self.model.memory.reset()
+
+    @torch.no_grad()
+    def encode_memory(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Memory codes (B, C) of B inputs built like the model's (image placeholders + text): what a write stores
+        for an episode step, and what a read addresses with for a question."""
+        embeds, _ = self.model.fused_embeddings(input_ids, pixel_values)
+        return self.model.memory_codes(embeds, input_ids, attention_mask)
 
     @torch.no_grad()
     def write_memory(
@@ -469,11 +537,43 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         weight: float = 1.0,
     ) -> MemoryState:
-        """Write one episode: row i of the batch is step i. `weight=-1` removes what a `+1` write of the same
-        inputs added (Larimar's selective forgetting). The memory persists across `generate` calls until
+        """Write one episode into the model's memory: row i of the batch is step i. `weight=-1` with the same
+        inputs removes exactly what a `+1` write of them added (Larimar's selective forgetting: a step is written
+        at addresses that depend on its key alone). The memory persists across `generate` calls until
         `reset_memory()`, and `generate`/`forward` read it whenever the memory is on."""
-        embeds, _ = self.model.fused_embeddings(input_ids, pixel_values)
-        return self.model.memory.write(self.model.memory_codes(embeds, attention_mask), weight=weight)
+        return self.model.memory.append(self.encode_memory(input_ids, pixel_values, attention_mask), weight=weight)
+
+    @torch.no_grad()
+    def write_episodes(
+        self,
+        episode_input_ids: torch.LongTensor,
+        episode_attention_mask: torch.Tensor,
+        episode_pixel_values: torch.FloatTensor | None = None,
+        episode_mask: torch.Tensor | None = None,
+        weight: float = 1.0,
+        memory_state: MemoryState | None = None,
+    ) -> MemoryState:
+        """Batched writes, one episode per row, returned rather than kept: (B, E, T) ids/mask, (B, E, 3, H, W)
+        pixels and (B, E) `episode_mask` (as `forward` takes them) on top of `memory_state` (default: the prior),
+        each real step with `weight` (−1 forgets). Pass the result to `forward`/`generate` as `memory_state`."""
+        codes = self.model.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
+        steps = episode_mask.T if episode_mask is not None else torch.ones(codes.shape[:2], device=codes.device)
+        return self.model.memory.write(codes, weight * steps.to(codes.device), memory_state)
+
+    @torch.no_grad()
+    def memory_addresses(
+        self,
+        episode_input_ids: torch.LongTensor,
+        episode_attention_mask: torch.Tensor,
+        episode_pixel_values: torch.FloatTensor | None = None,
+        episode_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Addressing weights (E, B, K) with which each step of each episode (inputs as `write_episodes`) reads
+        the memory its episode wrote: step i of an episode should find the slots it was written at."""
+        codes = self.model.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
+        steps = episode_mask.T if episode_mask is not None else torch.ones(codes.shape[:2], device=codes.device)
+        state = self.model.memory.write(codes, steps.to(codes.device))
+        return self.model.memory.larimar.address(codes, state)
 
     def save_memory(self, save_directory: str | os.PathLike) -> None:
         """Save the written memory beside the weights (`memory_state.safetensors`); `save_pretrained` does not."""

@@ -70,7 +70,7 @@ def _similarity(similarity: torch.Tensor, path: Path) -> None:
     plt.close(figure)
 
 
-def write_plots(output: Path, model_dir: str, model, processor, captions, recalls, similarity, episode_size: int) -> dict[str, str]:
+def write_plots(output: Path, model_dir: str, model, processor, captions, recalls, similarity) -> dict[str, str]:
     plots = {}
     if _loss_curves(Path(model_dir), output / "loss_curves.png"):
         plots["training losses"] = "loss_curves.png"
@@ -79,7 +79,7 @@ def write_plots(output: Path, model_dir: str, model, processor, captions, recall
     _similarity(similarity, output / "retrieval_similarity.png")
     plots["retrieval similarity matrix"] = "retrieval_similarity.png"
     if recalls:
-        batch = MicroVLMCollator(processor, with_episodes=True, episode_size=episode_size)(recalls[:4])
+        batch = MicroVLMCollator(processor, with_episodes=True)(recalls[:4])
         figure = memory_addressing(model, batch)
         figure.savefig(output / "memory_addressing.png", dpi=90)
         plt.close(figure)
@@ -107,7 +107,7 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
              f"Built-in shapes set, test split: {results['counts']}. Baselines come from the same run.", "",
              "## Captions", "", "| inputs | BLEU-4 | ROUGE-L | CIDEr-D | METEOR | colour | shape | count | position | all four | held-out pairs (mean) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name in ("model", "blank images", "shuffled images"):
+    for name in ("model", "blank images", "shuffled images", "memory on"):
         c = captions[name]
         a = c["attributes"]
         meteor = f"{c['meteor']:.3f}" if "meteor" in c else "–"  # needs Java and microvlm[meteor]
@@ -118,6 +118,7 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
               "Examples: " + "; ".join(f"“{e['generated']}” for “{e['reference']}”" for e in captions["examples"][:4]), "",
               "## Questions", "", "| inputs | exact match |", "|---|---|",
               f"| model | {_pct(results['qa']['model'])} |", f"| blank images | {_pct(results['qa']['blank images'])} |",
+              f"| memory on (a written episode; ScopeNet should keep it out) | {_pct(results['qa']['memory on'])} |",
               f"| chance | {_pct(results['qa']['chance'])} |", "",
               *_real_photo_lines(results),
               f"## Retrieval ({results['retrieval']['candidates']} candidates)", "", "| | R@1 | R@5 |", "|---|---|---|"]
@@ -127,9 +128,14 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
               f"| chance | {_pct(results['retrieval']['chance']['r@1'])} | {_pct(results['retrieval']['chance']['r@5'])} |", "",
               f"## Episodic recall (memory of {results['recall']['slots']} slots)", "", "| memory | exact match |", "|---|---|"]
     for name in ("memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image",
+                 "after editing: the new image's answer", "after editing: the old image's answer",
                  "after another episode is written on top", "asked image in context (upper bound)", "chance"):
         lines.append(f"| {name} | {_pct(results['recall'][name])} |")
+    scope = results["scope"]
     lines += ["", "By position of the asked image in the episode: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["by_position"].items()),
+              "", "By asked attribute: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["by_attribute"].items()),
+              "", f"ScopeNet decisions: {_pct(scope['accuracy'])} right (recall rows let in {_pct(scope['recall rows on'])}, "
+              f"caption/question rows kept out {_pct(scope['caption/qa rows off'])}).",
               "", "Capacity (episode length: accuracy): " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["capacity"].items()), "",
               "## Analysis", "", "Sliced Epps–Pulley (LeJEPA; lower is more Gaussian), beside a Monte-Carlo null of Gaussian samples of the same N, D:", "",
               "| embeddings | N × D | statistic | null mean | null 95% |", "|---|---|---|---|---|"]

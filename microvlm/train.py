@@ -53,7 +53,10 @@ class DataArguments:
     num_train: int = 2000
     num_validation: int = 200
     num_test: int = 200
-    episode_size: int = 2
+    episode_size: int = field(default=2, metadata={"help": "built-in set: images per recall episode (the longest)"})
+    min_episode_size: int | None = field(
+        default=None, metadata={"help": "built-in set: recall episodes take every length from this to episode_size"}
+    )
     data_seed_offset: int = 0
     image_column: str = "image"
     text_column: str = "text"
@@ -156,6 +159,7 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
             num_test=data_args.num_test,
             image_size=image_size,
             episode_size=data_args.episode_size,
+            min_episode_size=data_args.min_episode_size,
             seed=seed + data_args.data_seed_offset,
             kinds=kinds,
         )
@@ -183,7 +187,7 @@ def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: st
     if eval_dataset is None:
         training_args.eval_strategy = "no"
     collator = MicroVLMCollator(
-        processor, with_episodes=model_args.use_memory, episode_size=data_args.episode_size, max_length=data_args.max_length
+        processor, with_episodes=model_args.use_memory, max_length=data_args.max_length
     )
     probe = eval_dataset if eval_dataset is not None else train_dataset
     probe_batch = collator([probe[i] for i in range(min(8, len(probe)))])

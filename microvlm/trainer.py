@@ -8,11 +8,12 @@ from transformers import Trainer
 from .bitnet import quantisation_stats
 
 # Output fields of MicroVLMCausalLMOutput that are logged (averaged over the steps between two log lines).
-LOGGED_TERMS = ("lm_loss", "alignment_loss", "memory_kl", "addressing_kl", "scope_loss", "scope_gate")
+LOGGED_TERMS = ("lm_loss", "alignment_loss", "memory_kl", "addressing_kl", "memory_step_loss", "scope_loss", "scope_gate")
 
 
 class MicroVLMTrainer(Trainer):
-    """loss = LM + α·InfoNCE + β·memory KL + γ·addressing KL (+ ScopeNet BCE), weights from the model config.
+    """loss = LM + α·InfoNCE + β·memory KL + γ·addressing KL (+ memory step loss, ScopeNet BCE), weights from the
+    model config.
 
     Each term (and ScopeNet's mean gate) is accumulated at every step and logged as its mean at each logging
     step, beside the Trainer's own `loss`; evaluation logs the same terms with the `eval_` prefix.

@@ -45,10 +45,8 @@ def text_prefix_attention(model, batch: dict[str, torch.Tensor], row: int = 0) -
 @torch.no_grad()
 def memory_addressing(model, batch: dict[str, torch.Tensor], row: int = 0) -> Figure:
     """Addressing weights w (episode steps × slots) of row `row`'s episode against the memory it wrote."""
-    inner = model.model
-    codes = inner.episode_codes(batch["episode_input_ids"], batch["episode_attention_mask"], batch.get("episode_pixel_values"))
-    state = inner.memory.write_episodes(codes, batch["episode_mask"].transpose(0, 1))
-    weights = inner.memory.larimar.address(codes, state)[:, row]  # (E, K)
+    weights = model.memory_addresses(batch["episode_input_ids"], batch["episode_attention_mask"],
+                                     batch.get("episode_pixel_values"), batch.get("episode_mask"))[:, row]  # (E, K)
     return _heatmap(weights, "memory addressing: episode step × slot", "slot", "episode step", cmap="coolwarm")
 
 

@@ -16,7 +16,7 @@ from microvlm import MicroVLMProcessor
 from microvlm.data.collator import IGNORE_INDEX, MicroVLMCollator
 from microvlm.data.sources import SkipBadSamples, load_image_text_dataset
 from microvlm.data.synthetic_shapes import (COLOURS, HELD_OUT_PAIRS, SHAPES, answer_for, build_synthetic_dataset,
-                                            caption_for, parse_attributes, render_image)
+                                            caption_for, edited_recall_sample, parse_attributes, render_image)
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +77,9 @@ def test_bad_arguments_name_the_field(kwargs, field):
         build_synthetic_dataset(**{"num_train": 1, "num_validation": 0, "num_test": 0, **kwargs})
 
 
-def test_collator_labels_targets_only_and_builds_episodes(shapes):
+def test_collator_labels_targets_only_and_gives_episodes_to_recall_rows_only(shapes):
     processor = MicroVLMProcessor.from_preset("tiny")
-    collator = MicroVLMCollator(processor, with_episodes=True, episode_size=3)
+    collator = MicroVLMCollator(processor, with_episodes=True)
     samples = [shapes["train"][i] for i in range(9)]
     batch = collator(samples)
     tokenizer = processor.tokenizer
@@ -87,13 +87,35 @@ def test_collator_labels_targets_only_and_builds_episodes(shapes):
         labels = batch["labels"][row]
         target = tokenizer.decode(labels[labels != IGNORE_INDEX], skip_special_tokens=True).strip()
         assert target == (sample["answer"] or sample["text"])
-        has_image = sample["kind"] != "recall"
-        assert bool((batch["input_ids"][row] == processor.image_token_id).any()) == has_image
-        steps = int(batch["episode_mask"][row].sum())
-        assert steps == (len(sample["episode_images"]) if sample["kind"] == "recall" else len([s for s in samples[row - row % 3: row - row % 3 + 3] if s["kind"] != "recall"]))
+        recall = sample["kind"] == "recall"
+        assert bool((batch["input_ids"][row] == processor.image_token_id).any()) != recall
+        assert int(batch["episode_mask"][row].sum()) == (len(sample["episode_images"]) if recall else 0)
+        assert int(batch["memory_target_step"][row]) == (sample["target_index"] if recall else IGNORE_INDEX)
+        if recall:  # step i is image i with "image i+1: caption i"
+            for step, caption in enumerate(sample["episode_captions"]):
+                ids = batch["episode_input_ids"][row, step]
+                text = tokenizer.decode(ids[ids != processor.image_token_id], skip_special_tokens=True).strip()
+                assert text == f"image {step + 1}: {caption}"
+        else:  # masked steps carry blank pixels
+            assert not batch["episode_pixel_values"][row].any()
     assert batch["pixel_values"].shape[0] == sum(s["kind"] != "recall" for s in samples)
     assert batch["episode_pixel_values"].shape[:2] == batch["episode_input_ids"].shape[:2]
     assert torch.equal(batch["scope_labels"], torch.tensor([float(s["kind"] == "recall") for s in samples]))
+    without_recall = collator([s for s in samples if s["kind"] != "recall"])
+    assert "episode_input_ids" not in without_recall and "memory_target_step" not in without_recall
+
+
+def test_an_edited_recall_sample_differs_in_the_asked_attribute_only_at_the_asked_image(shapes):
+    for index, sample in enumerate(s for s in shapes["test"] if s["kind"] == "recall"):
+        edited = edited_recall_sample(sample, index, seed=1)
+        target, asked = sample["target_index"], sample["asked"]
+        assert edited["answer"] != sample["answer"] and edited["answer"] == answer_for(edited, asked)
+        assert edited["episode_captions"][target] == caption_for(edited)
+        others = [i for i in range(len(sample["episode_captions"])) if i != target]
+        assert [edited["episode_captions"][i] for i in others] == [sample["episode_captions"][i] for i in others]
+        assert edited == edited_recall_sample(sample, index, seed=1)  # deterministic
+        if index == 20:
+            break
 
 
 def test_image_folder_with_jsonl_or_csv_and_missing_columns(tmp_path):

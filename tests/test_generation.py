@@ -10,12 +10,16 @@ pytestmark = pytest.mark.min_version
 
 
 def greedy_without_cache(model, input_ids, attention_mask, pixel_values, steps: int) -> torch.Tensor:
-    """Reference decoder: the whole sequence (image included) is recomputed at every step, no cache."""
+    """Reference decoder: the whole sequence (image included) is recomputed at every step, no cache. The memory
+    (when on) is read from the prompt at every step, as `generate` reads it once from the prompt."""
+    prompt = attention_mask
     for _ in range(steps):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False).logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False,
+                       memory_query_mask=prompt).logits
         next_token = logits[:, -1].argmax(-1, keepdim=True)
         input_ids = torch.cat([input_ids, next_token], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
+        prompt = torch.cat([prompt, torch.zeros_like(next_token)], dim=1)
     return input_ids
 
 

@@ -133,7 +133,7 @@ def test_gradients_reach_the_prior_the_addressing_variance_and_the_lstm():
     state = memory.write(z, memory.prior(2))
     readout, kl = memory.read(z, state)
     (readout.pow(2).mean() + kl["memory_kl"] + kl["addressing_kl"]).backward()
-    for name in ("prior_mean", "prior_log_variance", "addressing_log_variance", "lstm.weight_ih_l0", "code_norm.weight"):
+    for name in ("prior_mean", "prior_log_variance", "addressing_log_variance", "lstm.weight_ih_l0", "key_norm.weight"):
         grad = dict(memory.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert z.grad is not None and z.grad.abs().sum() > 0
@@ -145,3 +145,47 @@ def test_state_shapes():
     assert isinstance(state, MemoryState)
     assert state.mean.shape == (5, 12, 20) and state.cov.shape == (5, 12, 12)
     assert memory.address(torch.randn(2, 5, 20), state).shape == (2, 5, 12)
+
+
+def test_pseudo_inverse_of_a_tall_matrix_goes_through_the_small_gram_and_matches_torch_pinv():
+    torch.manual_seed(4)
+    matrix = torch.randn(3, 96, 24)  # K > C: the C×C Gram
+    reference = torch.linalg.pinv(matrix)
+    error = (pseudo_inverse(matrix) - reference).norm() / reference.norm()
+    assert error < 1e-3, float(error)
+
+
+def test_a_key_alone_reads_back_the_whole_code_written_under_it():
+    memory = make_memory(num_slots=16, code_dim=48, key_dim=16, noise=0.01)
+    torch.manual_seed(5)
+    z = torch.randn(6, 2, 48)
+    state = memory.write(z, memory.prior(2))
+    question = torch.cat([z[..., :16], torch.randn(6, 2, 32)], -1)  # right keys, unrelated values
+    readout, _ = memory.read(question, state)
+    target = codes_of(memory, z)
+    error = (readout - target).norm(dim=-1) / target.norm(dim=-1)
+    assert float(error.max()) < 0.05, error
+    # Control: with the values as the only match, nothing comes back.
+    unrelated = torch.cat([torch.randn(6, 2, 16), z[..., 16:]], -1)
+    wrong, _ = memory.read(unrelated, state)
+    assert float(((wrong - target).norm(dim=-1) / target.norm(dim=-1)).min()) > 0.3
+
+
+def test_writes_address_against_the_prior_so_a_negative_write_forgets_exactly_after_later_writes():
+    memory = make_memory(num_slots=16, code_dim=32, key_dim=16, noise=0.1)
+    torch.manual_seed(6)
+    first, item, later = torch.randn(3, 1, 32), torch.randn(1, 1, 32), torch.randn(2, 1, 32)
+    torch.testing.assert_close(memory.write(item, memory.prior(1)).mean,
+                               memory.write(item, memory.prior(1), addresses=memory.address(item)).mean)
+    expected = memory.write(later, memory.write(first, memory.prior(1)))
+    state = memory.write(later, memory.write(item, memory.write(first, memory.prior(1))))
+    forgotten = memory.write(item, state, weight=-1.0)  # no addresses given: the same ones, from the prior
+    # Exact in exact arithmetic; a downdate divides by σ⁴/(σ² + wᵀΣw), so float32 round-off grows to ~1e-3.
+    torch.testing.assert_close(forgotten.mean, expected.mean, rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(forgotten.cov, expected.cov, rtol=1e-2, atol=1e-3)
+    assert (state.mean - expected.mean).abs().max() > 0.1  # what was forgotten was there
+
+
+def test_a_key_wider_than_the_code_is_refused():
+    with pytest.raises(ValueError, match="key_dim"):
+        LarimarMemory(8, 16, key_dim=17)

@@ -23,7 +23,7 @@ def memory_model() -> MicroVLMForCausalLM:
 
 def memory_kv_shapes(model, inputs) -> list[tuple[int, ...]]:
     embeds, _ = model.model.fused_embeddings(inputs["input_ids"], inputs["pixel_values"])
-    read = model.model.memory.read(model.model.memory_codes(embeds, inputs["attention_mask"]))
+    read = model.model.memory.read(model.model.memory_codes(embeds, inputs["input_ids"], inputs["attention_mask"]))
     return [tuple(key.shape) for key, _ in read.key_values] + [tuple(value.shape) for _, value in read.key_values]
 
 
@@ -47,7 +47,7 @@ def test_reference_preset_memory_is_shaped_for_two_kv_heads_of_64():
     config = MicroVLMConfig.from_preset("microvlm-v")
     with torch.device("meta"):
         model = MicroVLMForCausalLM(config)
-        key_values = model.model.memory.projection(torch.zeros(3, 1, 896))
+        key_values = model.model.memory.projection(torch.zeros(3, 1, config.memory_key_dim + 896))
     assert len(key_values) == 24
     assert all(key.shape == (3, 2, 1, 64) and value.shape == (3, 2, 1, 64) for key, value in key_values)
 
@@ -62,7 +62,7 @@ def test_zero_projection_gives_zero_memory_key_values(memory_model):
     # A zeroed W_M gives all-zero memory keys and values. Under softmax attention a zero key still takes weight
     # exp(0)/Z, so this is not "no memory"; masking the memory columns is (next test).
     embeds, _ = memory_model.model.fused_embeddings(inputs["input_ids"], inputs["pixel_values"])
-    read = memory_model.model.memory.read(memory_model.model.memory_codes(embeds, inputs["attention_mask"]))
+    read = memory_model.model.memory.read(memory_model.model.memory_codes(embeds, inputs["input_ids"], inputs["attention_mask"]))
     assert all(not key.any() and not value.any() for key, value in read.key_values)
 
 
@@ -103,7 +103,7 @@ def test_written_memory_persists_across_generate_calls_until_reset(memory_model,
     question = make_inputs(config, [4], seed=8)
     before = memory_model(**question).logits
     state = memory_model.write_memory(**episode)
-    assert state.mean.shape == (1, config.memory_num_slots, config.text_config.hidden_size)
+    assert state.mean.shape == (1, config.memory_num_slots, config.memory_key_dim + config.text_config.hidden_size)
     after = memory_model(**question).logits
     assert not torch.allclose(before, after)
     assert torch.equal(memory_model(**question).logits, after)  # reading does not change the memory
@@ -162,3 +162,130 @@ def test_other_backbone_families_gpt2_lm_and_convolutional_tower_without_cls():
     assert memory_kv_shapes(model, inputs) == [(2, 4, 1, 16)] * 4
     generated = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     assert torch.equal(generated, greedy_without_cache(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 5))
+
+
+def episode_of(config, steps: int, seed: int) -> dict[str, torch.Tensor]:
+    """One episode of `steps` image+text steps for a batch of one row, shaped as `forward` takes it (1, E, ...)."""
+    inputs = make_inputs(config, [4] * steps, seed=seed)
+    return {"episode_input_ids": inputs["input_ids"].unsqueeze(0), "episode_attention_mask": inputs["attention_mask"].unsqueeze(0),
+            "episode_pixel_values": inputs["pixel_values"].unsqueeze(0)}
+
+
+@torch.no_grad()
+def test_no_target_token_reaches_the_memory_read(memory_model):
+    """Training reads the memory from the prompt (the tokens before the first label), as generate does: changing
+    the target changes nothing the memory gives, so the prompt positions' logits stay the same."""
+    config = memory_model.config
+    inputs = make_inputs(config, [6, 6], seed=4)
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -3:] = inputs["input_ids"][:, -3:]  # the last 3 tokens are the target
+    other = dict(inputs, input_ids=inputs["input_ids"].clone())
+    other["input_ids"][:, -3:] = (other["input_ids"][:, -3:] + 7) % config.text_config.vocab_size
+    episode = episode_of(config, 3, seed=5)
+    episode = {k: v.expand(2, *v.shape[1:]) for k, v in episode.items()}
+    prompt = slice(0, inputs["input_ids"].shape[1] - 3)
+    first = memory_model(**inputs, labels=labels, **episode).logits[:, prompt]
+    second = memory_model(**other, labels=labels, **episode).logits[:, prompt]
+    torch.testing.assert_close(first, second, rtol=0, atol=1e-6)
+    # Control: a read over the whole sequence (target included) does see the change.
+    whole = memory_model(**other, labels=labels, memory_query_mask=other["attention_mask"], **episode).logits[:, prompt]
+    assert not torch.allclose(first, whole, atol=1e-4)
+    # And the prompt read is what generate's first step computes.
+    generate_step = memory_model(input_ids=inputs["input_ids"][:, prompt], attention_mask=inputs["attention_mask"][:, prompt],
+                                 pixel_values=inputs["pixel_values"], **episode).logits
+    torch.testing.assert_close(first, generate_step, rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def test_forgetting_through_the_public_api_undoes_a_write_exactly(memory_model):
+    config = memory_model.config
+    kept, dropped = make_inputs(config, [4, 5], seed=9), make_inputs(config, [6], seed=10)
+    expected = memory_model.write_memory(**kept)
+    memory_model.write_memory(**dropped)
+    state = memory_model.write_memory(**dropped, weight=-1.0)
+    torch.testing.assert_close(state.mean, expected.mean, rtol=1e-2, atol=1e-2)
+    # Batched episodes: forgetting step 1 of each row equals writing the episode without it.
+    episode = {k: v.view(2, 2, *v.shape[1:]) for k, v in {
+        "episode_input_ids": make_inputs(config, [4] * 4, seed=11)["input_ids"],
+        "episode_attention_mask": make_inputs(config, [4] * 4, seed=11)["attention_mask"],
+        "episode_pixel_values": make_inputs(config, [4] * 4, seed=11)["pixel_values"]}.items()}
+    full = memory_model.write_episodes(**episode)
+    second_only = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    forgotten = memory_model.write_episodes(**episode, episode_mask=1 - second_only, weight=-1.0, memory_state=full)
+    torch.testing.assert_close(forgotten.mean, memory_model.write_episodes(**episode, episode_mask=second_only).mean,
+                               rtol=1e-2, atol=1e-2)
+
+
+@torch.no_grad()
+def test_padding_steps_are_neither_encoded_nor_written(memory_model):
+    config = memory_model.config
+    episode = episode_of(config, 3, seed=12)
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    codes = memory_model.model.episode_codes(*episode.values(), mask)
+    assert not codes[2].any() and codes[:2].abs().sum() > 0
+    alone = memory_model.model.episode_codes(*(v[:, :2] for v in episode.values()))
+    torch.testing.assert_close(codes[:2], alone)
+    torch.testing.assert_close(memory_model.write_episodes(**episode, episode_mask=mask).mean,
+                               memory_model.write_episodes(**{k: v[:, :2] for k, v in episode.items()}).mean)
+
+
+def test_step_loss_is_the_cross_entropy_of_centred_key_cosines():
+    torch.manual_seed(13)
+    config = MicroVLMConfig.from_preset("tiny")
+    memory = MicroVLMForCausalLM(config).model.memory
+    steps, questions = torch.randn(3, 2, 192), torch.randn(2, 192)
+    step_mask = torch.tensor([[1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    target = torch.tensor([2, 1])
+    loss = memory.step_loss(questions, steps, step_mask, target)
+    # Reference, row by row with plain Python loops.
+    keys = [steps[e, b, :64] for e in range(3) for b in range(2) if step_mask[e, b]]
+    centre = torch.stack(keys).mean(0)
+    terms = []
+    for b in range(2):
+        real = [e for e in range(3) if step_mask[e, b]]
+        q = questions[b, :64] - centre
+        logits = torch.stack([torch.cosine_similarity(q, steps[e, b, :64] - centre, dim=0) / 0.1 for e in real])
+        terms.append(-torch.log_softmax(logits, 0)[real.index(int(target[b]))])
+    torch.testing.assert_close(loss, torch.stack(terms).mean())
+    assert memory.step_loss(questions, steps, step_mask, torch.tensor([-100, -100])) is None
+
+
+def test_the_step_loss_trains_the_key_encoder_through_the_model():
+    torch.manual_seed(14)
+    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny", use_memory=True)).train()
+    inputs = make_inputs(model.config, [5, 5], seed=15)
+    episode = {k: v.expand(2, *v.shape[1:]) for k, v in episode_of(model.config, 3, seed=16).items()}
+    labels = torch.full_like(inputs["input_ids"], -100)
+    labels[:, -2:] = inputs["input_ids"][:, -2:]
+    out = model(**inputs, labels=labels, **episode, memory_target_step=torch.tensor([0, 2]))
+    assert out.memory_step_loss is not None and torch.isfinite(out.memory_step_loss)
+    out.memory_step_loss.backward()
+    for name in ("key_mixer.weight", "key_score.weight", "key_proj.weight"):
+        grad = dict(model.named_parameters())["model.memory.encoder." + name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+
+
+def test_a_key_narrower_than_the_slots_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="memory_key_dim"):
+        MicroVLMConfig.from_preset("tiny", memory_key_dim=16)
+
+
+def test_the_checkpoint_callback_saves_a_written_memory_only(memory_model, tmp_path):
+    from types import SimpleNamespace
+
+    from microvlm.callbacks import MemoryCheckpointCallback
+
+    args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=3, is_world_process_zero=True)
+    (tmp_path / "checkpoint-3").mkdir()
+    MemoryCheckpointCallback().on_save(args, state, None, model=memory_model)
+    assert not (tmp_path / "checkpoint-3" / "memory_state.safetensors").exists()
+    memory_model.write_memory(**make_inputs(memory_model.config, [4], seed=17))
+    MemoryCheckpointCallback().on_save(args, state, None, model=memory_model)
+    memory_model.reset_memory()
+    memory_model.load_memory(tmp_path / "checkpoint-3")
+    assert memory_model.memory_written
+
+
+def test_save_memory_creates_its_folder(memory_model, tmp_path):
+    memory_model.save_memory(tmp_path / "new" / "dir")
+    assert (tmp_path / "new" / "dir" / "memory_state.safetensors").is_file()

@@ -254,3 +254,12 @@ def test_bad_build_arguments_raise_value_errors_naming_the_field(kwargs, field):
 def test_bad_attributes_raise_value_errors_naming_the_field(call, field):
     with pytest.raises(ValueError, match=field):
         call()
+
+
+def test_min_episode_size_gives_every_length_in_turn_with_targets_inside_the_episode():
+    rows = [make_sample("train", i, kinds=("recall",), image_size=16, episode_size=5, min_episode_size=2) for i in range(16)]
+    assert [len(r["episode_images"]) for r in rows[:8]] == [2, 3, 4, 5, 2, 3, 4, 5]
+    assert all(0 <= r["target_index"] < len(r["episode_images"]) == len(r["episode_captions"]) for r in rows)
+    assert {r["target_index"] for r in rows if len(r["episode_images"]) == 5} == {0, 1, 2, 3}
+    with pytest.raises(ValueError, match="min_episode_size"):
+        make_sample("train", 0, episode_size=3, min_episode_size=4)

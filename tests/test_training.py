@@ -30,7 +30,7 @@ def test_two_stage_demo_recipe_runs_logs_every_term_and_reloads_with_remote_code
     assert first and all("alignment_loss" in e and "grad_norm/adapter" in e for e in first)
     assert all(e["grad_norm/vision"] > 0 for e in first)  # the demo trains its random tiny tower in stage 1
     second = [entry for entry in logged(Path(stage2)) if "lm_loss" in entry]
-    for term in ("memory_kl", "addressing_kl", "scope_gate", "scope_loss", "grad_norm/memory", "grad_norm/scope_net"):
+    for term in ("memory_kl", "addressing_kl", "memory_step_loss", "scope_gate", "scope_loss", "grad_norm/memory", "grad_norm/scope_net"):
         assert all(term in e for e in second), term
     assert all(e["grad_norm/vision"] == 0 and e["grad_norm/memory"] > 0 for e in second)  # stage 2 freezes the tower
     assert any("eval_lm_loss" in e for e in logged(Path(stage2)))

@@ -7,9 +7,9 @@ Sample formats (columns of the built-in set, `synthetic_shapes.py`; any image–
 * recall: no image in the input; the question about image i of an episode is the prompt, the answer the target,
   and the episode (image + "image i: caption" for each step) is written to the row's memory first.
 
-Labels cover the target (and the EOS after it) only. With `with_episodes`, every row carries an episode: recall
-rows their own, other rows the group of `episode_size` consecutive rows they belong to (Larimar's auto-encoding
-episodes, where a row must find itself among the others), so one forward trains both.
+Labels cover the target (and the EOS after it) only. With `with_episodes`, recall rows carry their episode and
+the index of the step they ask about (`memory_target_step`, the addressing loss's target); other rows carry an
+empty episode (all steps masked), so they read the prior and ScopeNet learns to gate them off.
 """
 
 import logging
@@ -45,7 +45,8 @@ def prompt_and_target(sample: dict[str, Any]) -> tuple[str, str, bool]:
 class MicroVLMCollator:
     """Collates samples into `input_ids`, `attention_mask`, `labels`, `pixel_values` (one image per row; rows
     without an image get none of the image's placeholders and a blank image is not sent), `scope_labels`
-    (1 for recall rows) and, with `with_episodes`, `episode_*` tensors (B, E, ...).
+    (1 for recall rows) and, with `with_episodes` and at least one recall row, `episode_*` tensors (B, E, ...)
+    and `memory_target_step` (B,).
 
     `processor` is a [`MicroVLMProcessor`]: its tokenizer, image processor, image token and image-token count.
     With `prompts_only`, rows hold the prompt alone (labels are all ignored), ready for `generate`.
@@ -54,7 +55,6 @@ class MicroVLMCollator:
 
     processor: Any
     with_episodes: bool = False
-    episode_size: int = 2
     max_length: int = 64
     prompts_only: bool = False  # for generation: the prompt alone, no target and no labels
 
@@ -99,30 +99,34 @@ class MicroVLMCollator:
         return batch
 
     def _episodes(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        """One episode per row: (image, caption) steps, padded to the longest episode with masked steps."""
-        episodes = []
-        for row, sample in enumerate(samples):
-            if sample.get("kind") == "recall":
-                episodes.append(list(zip(sample["episode_images"], sample["episode_captions"])))
-            else:
-                start = row - row % self.episode_size
-                group = samples[start : start + self.episode_size]
-                episodes.append([(s["image"], " ".join(filter(None, prompt_and_target(s)[:2]))) for s in group if s.get("kind") != "recall"])
+        """Recall rows' episodes as (image, "image i: caption") steps, padded to the longest with masked steps
+        (blank pixels, no text); other rows get only masked steps. Empty when no row is a recall row."""
+        episodes = [list(zip(s["episode_images"], s["episode_captions"])) if s.get("kind") == "recall" else []
+                    for s in samples]
         steps = max(len(episode) for episode in episodes)
-        step_ids, step_images, step_mask = [], [], []
+        if steps == 0:
+            return {}
+        step_ids, step_mask, images, real_index = [], [], [], []
         for episode in episodes:
             for index in range(steps):
                 real = index < len(episode)
-                image, caption = episode[index] if real else episode[0]
-                step_ids.append(self.image_tokens + self._tokens(episode_step_text(index, caption)))
-                step_images.append(image)
+                text = episode_step_text(index, episode[index][1]) if real else ""
+                step_ids.append(self.image_tokens + self._tokens(text))
                 step_mask.append(float(real))
+                if real:
+                    images.append(episode[index][0])
+                    real_index.append(len(step_ids) - 1)
         ids = self._left_pad(step_ids, self.pad_id)
         batch, width = len(samples), ids.shape[1]
-        pixels = self._pixels(step_images)
+        real_pixels = self._pixels(images)
+        pixels = real_pixels.new_zeros(len(step_ids), *real_pixels.shape[1:])
+        pixels[real_index] = real_pixels
         return {
             "episode_input_ids": ids.view(batch, steps, width),
             "episode_attention_mask": self._left_pad([[1] * len(s) for s in step_ids], 0).view(batch, steps, width),
             "episode_pixel_values": pixels.view(batch, steps, *pixels.shape[1:]),
             "episode_mask": torch.tensor(step_mask).view(batch, steps),
+            "memory_target_step": torch.tensor(
+                [s["target_index"] if s.get("kind") == "recall" else IGNORE_INDEX for s in samples]
+            ),
         }

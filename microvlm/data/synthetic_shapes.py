@@ -342,9 +342,13 @@ def _sample_attributes(rng: np.random.Generator, split: str, held_out_fraction: 
 
 
 def _check_arguments(image_size: Any, episode_size: Any, seed: Any, kinds: tuple[str, ...],
-                     held_out_fraction: Any) -> None:
+                     held_out_fraction: Any, min_episode_size: Any = None) -> None:
     _check_int("image_size", image_size, MIN_IMAGE_SIZE)
     _check_int("episode_size", episode_size, 2)
+    if min_episode_size is not None:
+        _check_int("min_episode_size", min_episode_size, 2)
+        if min_episode_size > episode_size:
+            raise ValueError(f"min_episode_size must be <= episode_size={episode_size}, got {min_episode_size}")
     _check_int("seed", seed, 0)
     if not kinds or any(kind not in KINDS for kind in kinds) or len(set(kinds)) != len(kinds):
         raise ValueError(f"kinds must be a non-empty subset of {KINDS} without repeats, got {kinds!r}")
@@ -357,15 +361,18 @@ def _as_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def make_sample(split: str, index: int, *, seed: int = 0, image_size: int = 64, episode_size: int = 4,
-                kinds: str | Iterable[str] = KINDS, held_out_fraction: float = 0.5) -> dict[str, Any]:
+                kinds: str | Iterable[str] = KINDS, held_out_fraction: float = 0.5,
+                min_episode_size: int | None = None) -> dict[str, Any]:
     """Sample `index` of `split`, as a row of `FEATURES` with images as PNG bytes.
 
     The same arguments always give the same row, PNG bytes included. Kinds and recall targets cycle with the
     index (sample i is `kinds[i % len(kinds)]`; the recall rows ask about images 1, 2, …, `episode_size`, 1, …
-    in turn), so every split is balanced over kinds and over target positions.
+    in turn), so every split is balanced over kinds and over target positions. With `min_episode_size`, recall
+    episodes take every length from `min_episode_size` to `episode_size` in turn (and their targets cycle within
+    each length).
     """
     kinds = _as_kinds(kinds)
-    _check_arguments(image_size, episode_size, seed, kinds, held_out_fraction)
+    _check_arguments(image_size, episode_size, seed, kinds, held_out_fraction, min_episode_size)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     _check_int("index", index, 0)
@@ -375,7 +382,9 @@ def make_sample(split: str, index: int, *, seed: int = 0, image_size: int = 64, 
     sample: dict[str, Any] = {"kind": kind, "image": None, "episode_images": [], "episode_captions": [],
                               "answer": "", "asked": "", "target_index": -1}
     if kind == "recall":
-        target = index // len(kinds) % episode_size
+        turn, lengths = index // len(kinds), episode_size - (min_episode_size or episode_size) + 1
+        episode_size = episode_size - lengths + 1 + turn % lengths
+        target = turn // lengths % episode_size
         attributes = _sample_attributes(rng, split, held_out_fraction)
         episode = [attributes if step == target
                    else _sample_attributes(rng, split, held_out_fraction, avoid=(asked, attributes[asked]))
@@ -396,6 +405,26 @@ def make_sample(split: str, index: int, *, seed: int = 0, image_size: int = 64, 
     return sample
 
 
+def edited_recall_sample(sample: Mapping[str, Any], index: int, seed: int = 0) -> dict[str, Any]:
+    """A recall `sample` whose asked image is replaced by a new one that differs in the asked attribute (the
+    memory-editing test: forget the old image, write the new one in its place, ask again).
+
+    Returns a copy with `episode_images`/`episode_captions` changed at `target_index`, `answer` the new image's
+    answer and the new image's attributes; `index` and `seed` fix the new image.
+    """
+    if sample.get("kind") != "recall":
+        raise ValueError(f"edited_recall_sample needs a recall sample, got kind {sample.get('kind')!r}")
+    target, asked = sample["target_index"], sample["asked"]
+    rng = np.random.default_rng([seed, len(SPLITS), index])
+    attributes = _sample_attributes(rng, "test", 0.0, avoid=(asked, sample[asked]))
+    size = sample["episode_images"][target].size[0]
+    images, captions = list(sample["episode_images"]), list(sample["episode_captions"])
+    images[target] = render_image(**attributes, image_size=size, rng=rng)
+    captions[target] = caption_for(attributes)
+    return {**sample, **attributes, "episode_images": images, "episode_captions": captions,
+            "answer": answer_for(attributes, asked)}
+
+
 def build_synthetic_dataset(
     num_train: int = 2000,
     num_validation: int = 200,
@@ -405,6 +434,7 @@ def build_synthetic_dataset(
     seed: int = 0,
     kinds: str | Iterable[str] = KINDS,
     held_out_fraction: float = 0.5,
+    min_episode_size: int | None = None,
 ) -> datasets.DatasetDict:
     """The built-in set as a `DatasetDict` with train / validation / test splits of the schema `FEATURES`.
 
@@ -413,7 +443,8 @@ def build_synthetic_dataset(
     Args:
         num_train, num_validation, num_test: samples per split (>= 0).
         image_size: side of the square images in pixels (>= 16).
-        episode_size: images per recall episode (>= 2).
+        episode_size: images per recall episode (>= 2); the longest, with `min_episode_size`.
+        min_episode_size: when given, recall episodes take every length from it to `episode_size` in turn.
         seed: data seed (>= 0); with the split and the sample index it fixes every sample.
         kinds: sample kinds ("caption", "qa", "recall"), taken in turn: sample i is `kinds[i % len(kinds)]`.
         held_out_fraction: in validation and test, the probability that an image uses a `HELD_OUT_PAIRS` pair.
@@ -421,12 +452,13 @@ def build_synthetic_dataset(
     kinds = _as_kinds(kinds)
     for name, value in (("num_train", num_train), ("num_validation", num_validation), ("num_test", num_test)):
         _check_int(name, value, 0)
-    _check_arguments(image_size, episode_size, seed, kinds, held_out_fraction)
+    _check_arguments(image_size, episode_size, seed, kinds, held_out_fraction, min_episode_size)
     start = time.perf_counter()
     splits = {}
     for split, size in zip(SPLITS, (num_train, num_validation, num_test)):
         rows = [make_sample(split, index, seed=seed, image_size=image_size, episode_size=episode_size, kinds=kinds,
-                            held_out_fraction=held_out_fraction) for index in range(size)]
+                            held_out_fraction=held_out_fraction, min_episode_size=min_episode_size)
+                for index in range(size)]
         splits[split] = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in FEATURES},
                                                    features=FEATURES, split=datasets.NamedSplit(split))
     logger.info("built the shapes set (%s) at %d px in %.1f s", {s: len(d) for s, d in splits.items()}, image_size,
