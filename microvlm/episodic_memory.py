@@ -39,7 +39,7 @@ class MemoryRead(ModelOutput):
 
 class MicroVLMEpisodicMemory(nn.Module):
     """Memory encoder (`encoder`), Larimar memory (`larimar`), W_M (`projection`) and ScopeNet (`scope_net`),
-    sized from the config. Codes are `memory_key_dim` + hidden-size wide.
+    sized from the config. Codes are `memory_key_dim` + 2 × hidden-size wide.
 
     `state` is the memory written at inference by `append` (None: nothing written); reads without an explicit
     state use it.
@@ -49,9 +49,9 @@ class MicroVLMEpisodicMemory(nn.Module):
         super().__init__()
         text = config.text_config
         hidden = text.hidden_size
-        code_dim = config.memory_key_dim + hidden
         self.config = config  # read at call time: the scope threshold may be changed on a loaded model
-        self.encoder = MemoryEncoder(hidden, config.memory_key_dim, hidden, config.memory_key_kernel_size)
+        self.encoder = MemoryEncoder(hidden, config.memory_key_dim, config.memory_key_kernel_size)
+        code_dim = self.encoder.code_dim
         self.larimar = LarimarMemory(
             num_slots=config.memory_num_slots,
             code_dim=code_dim,

@@ -6,11 +6,12 @@ A code is a key followed by a value (`LarimarMemory` addresses with the key alon
   neighbouring tokens, so that "image 12" (two tokens) and "image 1" differ. A step "image 2: two red circles on
   the left" and the question "what colour was the shape in image 2?" share the words that name the step, and the
   addressing loss (`MicroVLMEpisodicMemory.step_loss`) teaches the pooling to find them.
-* value (`value_dim`): *what* the step held. The mean of the image-prefix tokens and the mean of the text tokens,
+* value (2 × hidden wide): *what* the step held. The mean of the image-prefix tokens and the mean of the text tokens,
   each layer-normed on its own (prefix tokens are ~10× the norm of text embeddings and would drown the text),
   then standardised feature by feature over the data (batch norm: what every step shares — the words "image"
   and "on the", the prefix's positions — is >99% of a raw mean, and would leave the steps of an episode with
-  codes at cosine 0.999), then projected.
+  codes at cosine 0.999). No projection follows: every further learned matrix between the words of a step and
+  the LM's answer is one more factor of a deep linear chain that starts near zero and learns slowly.
 
 A question has no image and no answer: its value carries little, and only its key matters for the read.
 """
@@ -22,9 +23,9 @@ from .alignment import masked_mean
 
 
 class MemoryEncoder(nn.Module):
-    """Fused token embeddings (N, T, D) → memory codes (N, key_dim + value_dim)."""
+    """Fused token embeddings (N, T, D) → memory codes (N, key_dim + 2·D)."""
 
-    def __init__(self, hidden_size: int, key_dim: int, value_dim: int, key_kernel_size: int = 3):
+    def __init__(self, hidden_size: int, key_dim: int, key_kernel_size: int = 3):
         super().__init__()
         if key_kernel_size % 2 == 0:
             raise ValueError(f"MemoryEncoder: key_kernel_size must be odd (centred context), got {key_kernel_size}")
@@ -34,11 +35,11 @@ class MemoryEncoder(nn.Module):
         self.image_norm = nn.LayerNorm(hidden_size)
         self.text_norm = nn.LayerNorm(hidden_size)
         self.value_standardise = nn.BatchNorm1d(2 * hidden_size)
-        self.value_proj = nn.Linear(2 * hidden_size, value_dim)
+        self.code_dim = key_dim + 2 * hidden_size
 
     def forward(self, embeds: torch.Tensor, text_mask: torch.Tensor, image_mask: torch.Tensor) -> torch.Tensor:
         """embeds (N, T, D); text_mask, image_mask (N, T) bool: the real text tokens and the image-prefix tokens
-        that the code may look at (a read code sees the prompt only) → codes (N, key_dim + value_dim)."""
+        that the code may look at (a read code sees the prompt only) → codes (N, key_dim + 2·D)."""
         dtype = self.key_proj.weight.dtype
         embeds = embeds.to(dtype)
         text = embeds * text_mask.unsqueeze(-1).to(dtype)  # other tokens are zeros for the convolution
@@ -49,7 +50,7 @@ class MemoryEncoder(nn.Module):
         key = self.key_proj(torch.einsum("nt,ntd->nd", weights, mixed))
         image = self.image_norm(masked_mean(embeds, image_mask))
         words = self.text_norm(masked_mean(embeds, text_mask))
-        value = self.value_proj(self._standardise(torch.cat([image, words], -1)))
+        value = self._standardise(torch.cat([image, words], -1))
         return torch.cat([key, value], -1)
 
     def _standardise(self, features: torch.Tensor) -> torch.Tensor:

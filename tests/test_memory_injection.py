@@ -47,7 +47,7 @@ def test_reference_preset_memory_is_shaped_for_two_kv_heads_of_64():
     config = MicroVLMConfig.from_preset("microvlm-v")
     with torch.device("meta"):
         model = MicroVLMForCausalLM(config)
-        key_values = model.model.memory.projection(torch.zeros(3, 1, config.memory_key_dim + 896))
+        key_values = model.model.memory.projection(torch.zeros(3, 1, config.memory_key_dim + 2 * 896))
     assert len(key_values) == 24
     assert all(key.shape == (3, 2, 1, 64) and value.shape == (3, 2, 1, 64) for key, value in key_values)
 
@@ -103,7 +103,8 @@ def test_written_memory_persists_across_generate_calls_until_reset(memory_model,
     question = make_inputs(config, [4], seed=8)
     before = memory_model(**question).logits
     state = memory_model.write_memory(**episode)
-    assert state.mean.shape == (1, config.memory_num_slots, config.memory_key_dim + config.text_config.hidden_size)
+    code_dim = config.memory_key_dim + 2 * config.text_config.hidden_size  # key + (image, text) value
+    assert state.mean.shape == (1, config.memory_num_slots, code_dim)
     after = memory_model(**question).logits
     assert not torch.allclose(before, after)
     assert torch.equal(memory_model(**question).logits, after)  # reading does not change the memory
