@@ -209,10 +209,11 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
         attention_mask: torch.Tensor,
         pixel_values: torch.FloatTensor | None,
         episode_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Codes (E, B, C) of episodes given as (B, E, T) ids/mask and (B, E, 3, H, W) pixels (or None).
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Codes (E, B, C) and write weights (E, B) of episodes given as (B, E, T) ids/mask, (B, E, 3, H, W) pixels
+        (or None) and (B, E) `episode_mask` (default: every step real, weight 1).
 
-        Only the real steps (`episode_mask` (B, E) > 0, default all) are encoded; padding steps get zero codes.
+        Only the real steps (`episode_mask` > 0) are encoded; padding steps get zero codes.
         """
         batch, steps = input_ids.shape[:2]
         real = (episode_mask > 0).flatten() if episode_mask is not None else torch.ones(batch * steps, dtype=torch.bool)
@@ -222,7 +223,8 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
         embeds, _ = self.fused_embeddings(ids, pixels)
         codes = self.memory_codes(embeds, ids, mask)
         out = codes.new_zeros(batch * steps, codes.shape[-1]).index_put((real.nonzero()[:, 0],), codes)
-        return out.view(batch, steps, -1).transpose(0, 1)
+        weights = episode_mask.T.to(codes) if episode_mask is not None else codes.new_ones(steps, batch)
+        return out.view(batch, steps, -1).transpose(0, 1), weights
 
     def forward(
         self,
@@ -277,9 +279,10 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
         first_call = past_key_values is None or past_key_values.get_seq_length() == 0
         if first_call and episode_input_ids is not None:
             use_memory = True
-            steps = self.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
-            weight = episode_mask.transpose(0, 1) if episode_mask is not None else 1.0
-            memory_state = self.memory.write(steps, weight)
+            steps, step_weights = self.episode_codes(
+                episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask
+            )
+            memory_state = self.memory.write(steps, step_weights)
         if (self.config.use_memory if use_memory is None else use_memory) and first_call:
             if _is_checkpointing(self.language_model) and self.training:
                 raise ValueError(
@@ -290,8 +293,7 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
             questions = self.memory_codes(inputs_embeds, input_ids, query_mask)
             memory = self.memory.read(questions, memory_state)
             if steps is not None and memory_target_step is not None:
-                step_mask = episode_mask.T if episode_mask is not None else torch.ones(steps.shape[:2])
-                memory.step_loss = self.memory.step_loss(questions, steps, step_mask, memory_target_step)
+                memory.step_loss = self.memory.step_loss(questions, steps, step_weights, memory_target_step)
             # A fresh cache per sequence: caches are mutated in place, so one must never be reused.
             past_key_values = MemoryCache(self.config.text_config, memory.key_values, memory.mask)
 
@@ -556,9 +558,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         """Batched writes, one episode per row, returned rather than kept: (B, E, T) ids/mask, (B, E, 3, H, W)
         pixels and (B, E) `episode_mask` (as `forward` takes them) on top of `memory_state` (default: the prior),
         each real step with `weight` (−1 forgets). Pass the result to `forward`/`generate` as `memory_state`."""
-        codes = self.model.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
-        steps = episode_mask.T if episode_mask is not None else torch.ones(codes.shape[:2], device=codes.device)
-        return self.model.memory.write(codes, weight * steps.to(codes.device), memory_state)
+        codes, steps = self.model.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
+        return self.model.memory.write(codes, weight * steps, memory_state)
 
     @torch.no_grad()
     def memory_addresses(
@@ -570,9 +571,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """Addressing weights (E, B, K) with which each step of each episode (inputs as `write_episodes`) reads
         the memory its episode wrote: step i of an episode should find the slots it was written at."""
-        codes = self.model.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
-        steps = episode_mask.T if episode_mask is not None else torch.ones(codes.shape[:2], device=codes.device)
-        state = self.model.memory.write(codes, steps.to(codes.device))
+        codes, steps = self.model.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
+        state = self.model.memory.write(codes, steps)
         return self.model.memory.larimar.address(codes, state)
 
     def save_memory(self, save_directory: str | os.PathLike) -> None:

@@ -32,11 +32,14 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
     for key in ("captions", "qa", "retrieval", "recall", "analysis", "perplexity", "real_photos"):
         assert key in saved
     assert saved["real_photos"]["count"] == 23  # every photo of the committed list is found offline
-    assert set(saved["captions"]) >= {"model", "blank images", "shuffled images", "chance"}
+    assert set(saved["captions"]) >= {"model", "blank images", "shuffled images", "memory on", "chance"}
     assert {"memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image",
+            "after editing: the new image's answer", "after editing: the old image's answer",
             "after another episode is written on top", "asked image in context (upper bound)"} <= set(saved["recall"])
+    assert set(saved["recall"]["by_attribute"]) <= {"colour", "shape", "count", "position"}
+    assert 0 <= saved["scope"]["accuracy"] <= 1 and "memory on" in saved["qa"]
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "## Episodic recall" in report and "null 95%" in report
+    assert "## Episodic recall" in report and "null 95%" in report and "ScopeNet decisions" in report
     for plot in ("image_attention.png", "retrieval_similarity.png", "memory_addressing.png"):
         assert (tmp_path / "eval" / plot).is_file()
 

@@ -222,9 +222,10 @@ def test_padding_steps_are_neither_encoded_nor_written(memory_model):
     config = memory_model.config
     episode = episode_of(config, 3, seed=12)
     mask = torch.tensor([[1.0, 1.0, 0.0]])
-    codes = memory_model.model.episode_codes(*episode.values(), mask)
+    codes, weights = memory_model.model.episode_codes(*episode.values(), mask)
+    assert torch.equal(weights, mask.T)
     assert not codes[2].any() and codes[:2].abs().sum() > 0
-    alone = memory_model.model.episode_codes(*(v[:, :2] for v in episode.values()))
+    alone, _ = memory_model.model.episode_codes(*(v[:, :2] for v in episode.values()))
     torch.testing.assert_close(codes[:2], alone)
     torch.testing.assert_close(memory_model.write_episodes(**episode, episode_mask=mask).mean,
                                memory_model.write_episodes(**{k: v[:, :2] for k, v in episode.items()}).mean)
@@ -290,3 +291,21 @@ def test_the_checkpoint_callback_saves_a_written_memory_only(memory_model, tmp_p
 def test_save_memory_creates_its_folder(memory_model, tmp_path):
     memory_model.save_memory(tmp_path / "new" / "dir")
     assert (tmp_path / "new" / "dir" / "memory_state.safetensors").is_file()
+
+
+def test_the_memory_encoder_standardises_over_the_batch_and_takes_a_single_row_in_training():
+    from microvlm.memory_encoder import MemoryEncoder
+
+    torch.manual_seed(18)
+    encoder = MemoryEncoder(hidden_size=16, key_dim=8).train()
+    embeds = torch.randn(5, 7, 16)
+    text, image = torch.zeros(5, 7, dtype=torch.bool), torch.zeros(5, 7, dtype=torch.bool)
+    text[:, 3:], image[:, :3] = True, True
+    codes = encoder(embeds, text, image)
+    assert codes.shape == (5, 8 + 2 * 16) == (5, encoder.code_dim)
+    # Training: each value feature is standardised over the batch (batch norm with weight 1, bias 0).
+    torch.testing.assert_close(codes[:, 8:].mean(0), torch.zeros(32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(codes[:, 8:].var(0, unbiased=False), torch.ones(32), atol=1e-3, rtol=0)
+    # A single row has no batch statistics: it uses the running ones, as in eval mode.
+    single = encoder(embeds[:1], text[:1], image[:1])
+    torch.testing.assert_close(single, encoder.eval()(embeds[:1], text[:1], image[:1]))
