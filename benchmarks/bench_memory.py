@@ -1,7 +1,8 @@
 """Cost of the Larimar memory at "microvlm-v" dims, random weights, CPU (figures quoted in the README).
 
-1. One episode write + read (E=4 steps, B=8 episodes, K=512 slots, codes of a 512-dim key + 896-dim value) as a
-   fraction of one Qwen2.5-0.5B-dims forward over the same batch (B=8 sequences of 64 tokens).
+1. One episode write + read (E=4 steps, B=8 episodes, K=512 slots, codes of a 512-dim key + a 2 × 896-dim value,
+   see `memory_encoder.py`) as a fraction of one Qwen2.5-0.5B-dims forward over the same batch (B=8 sequences of
+   64 tokens).
 2. Write and read time of that episode as K grows (128, 256, 512, 1024; key dim = K, the least exact reads allow).
 Medians of --repeats runs after a warm-up, torch.no_grad, float32, the machine's threads.
 """
@@ -15,6 +16,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 from microvlm import MicroVLMConfig
 from microvlm.larimar_memory import LarimarMemory
+from microvlm.memory_encoder import MemoryEncoder
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -43,7 +45,7 @@ def main() -> None:
     lm_time = median_seconds(lambda: lm(input_ids=ids), args.repeats)
 
     def episode_cost(slots: int, key_dim: int) -> tuple[float, float]:
-        code_dim = key_dim + text.hidden_size
+        code_dim = MemoryEncoder(text.hidden_size, key_dim).code_dim
         memory = LarimarMemory(slots, code_dim, key_dim=key_dim, pinv_method=config.memory_pinv_method).eval()
         z = torch.randn(args.episode, args.batch, code_dim)
         prior = memory.prior(args.batch)
@@ -55,7 +57,7 @@ def main() -> None:
     write, read = episode_cost(config.memory_num_slots, config.memory_key_dim)
     print(f"LM forward (B={args.batch}, seq {args.seq}, Qwen2.5-0.5B dims): {lm_time * 1e3:.1f} ms")
     print(f"memory write+read (E={args.episode}, B={args.batch}, K={config.memory_num_slots}, "
-          f"key {config.memory_key_dim} + value {text.hidden_size}): "
+          f"codes of {MemoryEncoder(text.hidden_size, config.memory_key_dim).code_dim} with a {config.memory_key_dim}-dim key): "
           f"{(write + read) * 1e3:.1f} ms = {(write + read) / lm_time:.3f} x LM forward")
     print(f"{'K':>6} | write ms | read ms | write / write(K=128)")
     base = None
