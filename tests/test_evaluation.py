@@ -35,8 +35,13 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
     assert set(saved["captions"]) >= {"model", "blank images", "shuffled images", "chance"}
     assert {"memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image",
             "after another episode is written on top", "asked image in context (upper bound)"} <= set(saved["recall"])
+    probe = saved["analysis"]["vision_probe"]
+    for source in ("pooled_patches", "prefix", "chance"):
+        assert set(probe[source]) == {"colour", "shape", "count", "position"}
+        assert all(0.0 <= value <= 1.0 for value in probe[source].values())
+    assert probe["rows_train"] + probe["rows_test"] == saved["counts"]["caption"] + saved["counts"]["qa"]
     report = (tmp_path / "eval" / "report.md").read_text()
-    assert "## Episodic recall" in report and "null 95%" in report
+    assert "## Episodic recall" in report and "null 95%" in report and "Linear probes" in report
     for plot in ("image_attention.png", "retrieval_similarity.png", "memory_addressing.png"):
         assert (tmp_path / "eval" / plot).is_file()
 

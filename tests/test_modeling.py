@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from transformers import DeiTConfig, DeiTForImageClassification, DeiTModel, Qwen2Config, Qwen2ForCausalLM
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
-from microvlm.alignment import info_nce
+from microvlm.alignment import equal_sequences, info_nce
+from microvlm.vision_adapter import MicroVLMVisionAdapter
 
 from .conftest import make_inputs
 
@@ -117,3 +118,84 @@ def test_pretrained_backbones_load_from_local_folders(tmp_path, tiny_config):
         torch.testing.assert_close(model.model.language_model.state_dict()[name], tensor)
     assert model.config.num_image_tokens == tiny_config.num_image_tokens
     assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_target_aware_info_nce_matches_an_independent_loop_with_repeated_captions():
+    torch.manual_seed(2)
+    captions = ["two red circles", "one blue star", "two red circles", "four green squares", "one blue star", "x"]
+    images, texts = torch.randn(6, 16), torch.randn(6, 16)
+    tau = 0.1
+    positives = torch.tensor([[a == b for b in captions] for a in captions])
+    loss, logits = info_nce(images, texts, torch.tensor(1 / tau), positives)
+    # Reference: every row's target is uniform over the rows whose caption equals its own, in both directions.
+    reference = 0.0
+    for i in range(6):
+        matches = [j for j in range(6) if captions[j] == captions[i]]
+        sims_i2t = torch.stack([F.cosine_similarity(images[i], texts[j], dim=0) / tau for j in range(6)])
+        sims_t2i = torch.stack([F.cosine_similarity(texts[i], images[j], dim=0) / tau for j in range(6)])
+        reference += sum(torch.logsumexp(sims_i2t, 0) - sims_i2t[j] for j in matches) / len(matches)
+        reference += sum(torch.logsumexp(sims_t2i, 0) - sims_t2i[j] for j in matches) / len(matches)
+    torch.testing.assert_close(loss, reference / 12, rtol=1e-5, atol=1e-5)
+    # Without repeats the soft targets are the identity: CLIP's loss.
+    unique = torch.eye(6, dtype=torch.bool)
+    torch.testing.assert_close(info_nce(images, texts, torch.tensor(1 / tau), unique)[0],
+                               info_nce(images, texts, torch.tensor(1 / tau))[0])
+    with pytest.raises(ValueError, match="diagonal"):
+        info_nce(images, texts, torch.tensor(1 / tau), ~unique)
+
+
+def test_equal_sequences_ignores_padding_and_placeholders_wherever_they_are():
+    ids = torch.tensor([[0, 0, 3, 3, 7, 8], [3, 3, 7, 8, 0, 0], [0, 3, 3, 7, 8, 9], [3, 7, 3, 8, 0, 0]])
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 0, 0]]).bool()
+    expected = torch.tensor([[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 1, 0], [1, 1, 0, 1]]).bool()
+    assert torch.equal(equal_sequences(ids, mask), expected)
+
+
+def test_alignment_treats_rows_with_equal_texts_as_positives(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config, [4, 4, 3])
+    inputs["input_ids"][1] = inputs["input_ids"][0]  # rows 0 and 1: the same caption, different images
+    out = tiny_model(**inputs, labels=inputs["input_ids"])
+    ids = inputs["input_ids"]
+    image = tiny_model.get_image_features(inputs["pixel_values"])
+    embedded, _ = tiny_model.embed_images_and_texts(inputs["pixel_values"], ids, inputs["attention_mask"])
+    words = (ids != tiny_config.image_token_id) & inputs["attention_mask"].bool()
+    texts = torch.stack([tiny_model.get_input_embeddings()(ids[r][words[r]]).mean(0) for r in range(3)])
+    positives = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]]).bool()
+    images = tiny_model.model.alignment.proj(tiny_model._alignment_input(image))
+    expected, _ = info_nce(images, texts, torch.tensor(1 / tiny_config.alignment_temperature), positives)
+    torch.testing.assert_close(out.alignment_loss, expected)
+    torch.testing.assert_close(embedded, F.normalize(images, dim=-1))
+
+
+def _adapter(config: MicroVLMConfig) -> MicroVLMVisionAdapter:
+    torch.manual_seed(4)
+    return MicroVLMForCausalLM(config).model.adapter.eval()
+
+
+def test_adapter_without_patch_positions_is_the_order_blind_pooling_it_was(tiny_config):
+    config = MicroVLMConfig.from_preset("tiny", adapter_patch_positions=False)
+    adapter = _adapter(config)
+    assert adapter.patch_position_embeddings is None
+    assert not any("patch_position" in name for name, _ in adapter.named_parameters())
+    patches = torch.randn(2, config.num_patches, config.vision_hidden_size)
+    keys = adapter.mlp(adapter.input_proj(patches))
+    pooled, _ = adapter.pool(adapter.queries.expand(2, -1, -1), keys, keys)
+    prefix, _ = adapter(patches)
+    torch.testing.assert_close(prefix, adapter.norm(pooled + adapter.position_embeddings))
+    shuffled, _ = adapter(patches[:, torch.randperm(config.num_patches)])
+    torch.testing.assert_close(shuffled, prefix)  # cross-attention pooling cannot tell where a patch was
+
+
+def test_adapter_patch_positions_are_added_to_the_keys_and_trained(tiny_config):
+    config = MicroVLMConfig.from_preset("tiny", adapter_patch_positions=True)
+    adapter = _adapter(config)
+    assert adapter.patch_position_embeddings.shape == (config.num_patches, config.text_config.hidden_size)
+    patches = torch.randn(2, config.num_patches, config.vision_hidden_size)
+    keys = adapter.mlp(adapter.input_proj(patches)) + adapter.patch_position_embeddings
+    pooled, _ = adapter.pool(adapter.queries.expand(2, -1, -1), keys, keys)
+    prefix, _ = adapter(patches)
+    torch.testing.assert_close(prefix, adapter.norm(pooled + adapter.position_embeddings))
+    shuffled, _ = adapter(patches[:, torch.randperm(config.num_patches)])
+    assert not torch.allclose(shuffled, prefix)  # now the prefix depends on where each patch is
+    prefix.square().sum().backward()
+    assert adapter.patch_position_embeddings.grad.abs().sum() > 0
