@@ -38,6 +38,7 @@ from .data.collator import MicroVLMCollator
 from .data.real_photos import load_real_photos
 from .data.synthetic_shapes import COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset, parse_attributes
 from .metrics import caption_metrics, load_metric
+from .visualisation import eager_language_attention
 
 logger = logging.getLogger("microvlm.eval")
 ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES), "count": len(COUNTS), "position": len(POSITIONS)}
@@ -199,12 +200,8 @@ def embedding_analysis(model, processor, rows: list[dict], args: EvalArguments) 
         n, dim = embeddings.shape
         results[name] = {"statistic": sliced_epps_pulley(embeddings, args.num_slices, args.seed),
                          "null": epps_pulley_null(n, dim, args.num_slices, seed=args.seed), "n": n, "dim": dim}
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with eager_language_attention(model):
         attentions = model(**{k: v for k, v in batch.items() if k not in ("labels", "scope_labels")}, output_attentions=True, use_memory=False).attentions
-    finally:
-        model.set_attn_implementation(previous)
     prefix_columns = batch["input_ids"][0] == model.config.image_token_id
     text_rows = (batch["input_ids"] != model.config.image_token_id) & batch["attention_mask"].bool()
     weights = torch.stack(attentions).mean(2)[:, :, :, prefix_columns]  # (layers, B, T, k)
