@@ -2,7 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DeiTConfig, DeiTForImageClassification, DeiTModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModel, DeiTConfig, DeiTForImageClassification, Qwen2Config, Qwen2ForCausalLM
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
 from microvlm.alignment import equal_sequences, info_nce
@@ -73,14 +73,39 @@ def test_info_nce_matches_an_independent_loop():
     assert logits.shape == (5, 5)
 
 
-def test_alignment_loss_uses_projected_cls_and_mean_of_real_text_tokens(tiny_model, tiny_config):
-    inputs = make_inputs(tiny_config, [4, 7, 2])
-    out = tiny_model(**inputs, labels=inputs["input_ids"])
+# The tiny preset with a DeiT tower, as microvlm-v has: a CLS token, its own position embeddings.
+DEIT_TINY = {"vision_config": {"model_type": "deit", "image_size": 64, "patch_size": 8, "hidden_size": 96, "num_hidden_layers": 3,
+                               "num_attention_heads": 3, "intermediate_size": 384},
+             "vision_tower_kwargs": {"add_pooling_layer": False}, "vision_cls_token": True, "vision_num_patches": None,
+             "adapter_patch_positions": False, "alignment_image_source": "cls"}
+
+
+def test_alignment_loss_uses_projected_cls_and_mean_of_real_text_tokens():
+    config = MicroVLMConfig.from_preset("tiny", **DEIT_TINY)
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(config).eval()
+    inputs = make_inputs(config, [4, 7, 2])
+    out = model(**inputs, labels=inputs["input_ids"])
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    cls = tiny_model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
-    embeds = tiny_model.get_input_embeddings()(ids)
-    texts = torch.stack([embeds[r][(mask[r] == 1) & (ids[r] != tiny_config.image_token_id)].mean(0) for r in range(3)])
-    expected, _ = info_nce(tiny_model.model.alignment.proj(cls), texts, torch.tensor(1 / tiny_config.alignment_temperature))
+    cls = model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
+    embeds = model.get_input_embeddings()(ids)
+    texts = torch.stack([embeds[r][(mask[r] == 1) & (ids[r] != config.image_token_id)].mean(0) for r in range(3)])
+    expected, _ = info_nce(model.model.alignment.proj(cls), texts, torch.tensor(1 / config.alignment_temperature))
+    torch.testing.assert_close(out.alignment_loss, expected)
+
+
+def test_alignment_on_the_prefix_projects_the_flattened_prefix_tokens():
+    config = MicroVLMConfig.from_preset("tiny", alignment_image_source="prefix")
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(config).eval()
+    assert model.model.alignment.proj.in_features == config.num_image_tokens * config.text_config.hidden_size
+    inputs = make_inputs(config, [4, 7, 2])
+    out = model(**inputs, labels=inputs["input_ids"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    embeds = model.get_input_embeddings()(ids)
+    texts = torch.stack([embeds[r][(mask[r] == 1) & (ids[r] != config.image_token_id)].mean(0) for r in range(3)])
+    images = model.model.alignment.proj(out.image_prefix.reshape(3, -1))
+    expected, _ = info_nce(images, texts, torch.tensor(1 / config.alignment_temperature))
     torch.testing.assert_close(out.alignment_loss, expected)
 
 
@@ -103,14 +128,19 @@ def test_placeholder_count_mismatch_is_a_clear_error(tiny_model, tiny_config):
         tiny_model(**inputs)
 
 
-def test_pretrained_backbones_load_from_local_folders(tmp_path, tiny_config):
+@pytest.mark.parametrize("vision", ["tiny preset", "deit"])
+def test_pretrained_backbones_load_from_local_folders(tmp_path, vision):
+    overrides = DEIT_TINY if vision == "deit" else {}
+    tiny_config = MicroVLMConfig.from_preset("tiny", **overrides)
     torch.manual_seed(3)
-    vision = DeiTModel(tiny_config.vision_config, add_pooling_layer=False)
+    vision = AutoModel.from_config(tiny_config.vision_config, **tiny_config.vision_tower_kwargs)
     language = Qwen2ForCausalLM(Qwen2Config(**tiny_config.text_config.to_dict()))
     vision.save_pretrained(tmp_path / "vision")
     language.save_pretrained(tmp_path / "language")
+    settings = ("vision_tower_kwargs", "vision_cls_token", "vision_num_patches", "adapter_patch_positions",
+                "alignment_image_source")
     model = MicroVLMForCausalLM.from_pretrained_backbones(
-        tmp_path / "vision", tmp_path / "language", image_token_id=3, vision_tower_kwargs={"add_pooling_layer": False}
+        tmp_path / "vision", tmp_path / "language", image_token_id=3, **{name: getattr(tiny_config, name) for name in settings}
     )
     for name, tensor in vision.state_dict().items():
         torch.testing.assert_close(model.model.vision_tower.state_dict()[name], tensor)
