@@ -286,7 +286,9 @@ def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int,
     class is argmax x W. Returns the fraction of the second half classified right.
     """
     if features.shape[0] != labels.shape[0] or features.shape[0] < 2:
-        raise ValueError(f"linear_probe needs ≥ 2 rows with one label each, got {features.shape[0]} and {labels.shape[0]}")
+        raise ValueError(
+            f"linear_probe needs ≥ 2 rows, one label each: got {features.shape[0]} rows, {labels.shape[0]} labels"
+        )
     x, y = features.double(), labels.long()
     half = x.shape[0] // 2
     mean, std = x[:half].mean(0), x[:half].std(0).clamp(min=1e-8)

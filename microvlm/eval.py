@@ -224,7 +224,8 @@ def vision_probe(model, processor, rows: list[dict], args: EvalArguments) -> dic
         features["pooled_patches"].append(tokens[:, -model.config.num_patches :].mean(1))
         features["prefix"].append(model.model.adapter(tokens[:, -model.config.num_patches :])[0].flatten(1))
     vocabularies = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNTS), "position": list(POSITIONS)}
-    labels = {name: torch.tensor([vocabulary.index(r[name]) for r in rows]) for name, vocabulary in vocabularies.items()}
+    labels = {name: torch.tensor([vocabulary.index(r[name]) for r in rows])
+              for name, vocabulary in vocabularies.items()}
     result: dict[str, Any] = {"rows_train": len(rows) // 2, "rows_test": len(rows) - len(rows) // 2,
                               "chance": {name: 1 / len(vocabulary) for name, vocabulary in vocabularies.items()}}
     for source, chunks in features.items():

@@ -55,9 +55,6 @@ class DataArguments:
     num_test: int = 200
     episode_size: int = 2
     data_seed_offset: int = 0
-    greyscale_fraction: float = field(
-        default=0.0, metadata={"help": "built-in set, train: fraction of shape/count/position questions shown in greyscale"}
-    )
     image_column: str = "image"
     text_column: str = "text"
     max_length: int = 64
@@ -161,7 +158,6 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
             episode_size=data_args.episode_size,
             seed=seed + data_args.data_seed_offset,
             kinds=kinds,
-            greyscale_fraction=data_args.greyscale_fraction,
         )
         return splits["train"], splits["validation"]
     from .data.sources import SkipBadSamples, load_image_text_dataset

@@ -74,8 +74,8 @@ def test_info_nce_matches_an_independent_loop():
 
 
 # The tiny preset with a DeiT tower, as microvlm-v has: a CLS token, its own position embeddings.
-DEIT_TINY = {"vision_config": {"model_type": "deit", "image_size": 64, "patch_size": 8, "hidden_size": 96, "num_hidden_layers": 3,
-                               "num_attention_heads": 3, "intermediate_size": 384},
+DEIT_TINY = {"vision_config": {"model_type": "deit", "image_size": 64, "patch_size": 8, "hidden_size": 96,
+                               "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 384},
              "vision_tower_kwargs": {"add_pooling_layer": False}, "vision_cls_token": True, "vision_num_patches": None,
              "adapter_patch_positions": False, "alignment_image_source": "cls"}
 
@@ -128,9 +128,9 @@ def test_placeholder_count_mismatch_is_a_clear_error(tiny_model, tiny_config):
         tiny_model(**inputs)
 
 
-@pytest.mark.parametrize("vision", ["tiny preset", "deit"])
-def test_pretrained_backbones_load_from_local_folders(tmp_path, vision):
-    overrides = DEIT_TINY if vision == "deit" else {}
+@pytest.mark.parametrize("tower", ["tiny preset", "deit"])
+def test_pretrained_backbones_load_from_local_folders(tmp_path, tower):
+    overrides = DEIT_TINY if tower == "deit" else {}
     tiny_config = MicroVLMConfig.from_preset("tiny", **overrides)
     torch.manual_seed(3)
     vision = AutoModel.from_config(tiny_config.vision_config, **tiny_config.vision_tower_kwargs)
@@ -140,7 +140,8 @@ def test_pretrained_backbones_load_from_local_folders(tmp_path, vision):
     settings = ("vision_tower_kwargs", "vision_cls_token", "vision_num_patches", "adapter_patch_positions",
                 "alignment_image_source")
     model = MicroVLMForCausalLM.from_pretrained_backbones(
-        tmp_path / "vision", tmp_path / "language", image_token_id=3, **{name: getattr(tiny_config, name) for name in settings}
+        tmp_path / "vision", tmp_path / "language", image_token_id=3,
+        **{name: getattr(tiny_config, name) for name in settings},
     )
     for name, tensor in vision.state_dict().items():
         torch.testing.assert_close(model.model.vision_tower.state_dict()[name], tensor)

@@ -233,8 +233,7 @@ def test_images_are_png_bytes_decoded_lazily_at_the_requested_size():
     ({"image_size": -64}, "image_size"), ({"image_size": 8}, "image_size"), ({"image_size": 32.5}, "image_size"),
     ({"episode_size": 1}, "episode_size"), ({"episode_size": -4}, "episode_size"), ({"seed": -1}, "seed"),
     ({"kinds": ("caption", "poems")}, "kinds"), ({"kinds": ()}, "kinds"),
-    ({"held_out_fraction": 1.5}, "held_out_fraction"), ({"greyscale_fraction": -0.1}, "greyscale_fraction"),
-    ({"greyscale_fraction": True}, "greyscale_fraction"),
+    ({"held_out_fraction": 1.5}, "held_out_fraction"),
 ])
 def test_bad_build_arguments_raise_value_errors_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
@@ -255,21 +254,3 @@ def test_bad_build_arguments_raise_value_errors_naming_the_field(kwargs, field):
 def test_bad_attributes_raise_value_errors_naming_the_field(call, field):
     with pytest.raises(ValueError, match=field):
         call()
-
-
-def test_greyscale_questions_only_in_train_only_off_colour_and_every_other_row_unchanged():
-    plain = build_synthetic_dataset(60, 20, 20, kinds=("caption", "qa"))
-    grey = build_synthetic_dataset(60, 20, 20, kinds=("caption", "qa"), greyscale_fraction=0.6)
-    turned = 0
-    for split in ("train", "validation", "test"):
-        for before, after in zip(plain[split], grey[split]):
-            assert {k: v for k, v in before.items() if k != "image"} == {k: v for k, v in after.items() if k != "image"}
-            old, new = np.asarray(before["image"]), np.asarray(after["image"])
-            if np.array_equal(old, new):
-                continue
-            assert split == "train" and after["kind"] == "qa" and after["asked"] != "colour"
-            assert (new == new[..., :1]).all()  # R = G = B
-            assert np.array_equal(new[..., 0], np.asarray(before["image"].convert("L")))
-            turned += 1
-    off_colour = sum(r["kind"] == "qa" and r["asked"] != "colour" for r in grey["train"])
-    assert 0 < turned < off_colour

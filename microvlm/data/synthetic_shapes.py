@@ -15,11 +15,6 @@ never appear in train; in validation and test a fraction `held_out_fraction` (de
 one of them, the rest a train pair (`TRAIN_PAIRS`). Every colour and every shape on its own does appear in train,
 so the held-out pairs measure compositional generalisation.
 
-Greyscale questions (`greyscale_fraction`, train only, default 0): that fraction of the questions on shape, count
-or position show their image in greyscale. Their answers stay true, and no held-out pair is ever drawn, while the
-vision tower is shown that shape, count and position do not depend on colour (without it, a small tower learns
-shape features tied to colour and never names a held-out pair's shape).
-
 Three kinds of sample, all with one schema (`FEATURES`), so the splits can mix kinds. Sample i of a split has
 kind `kinds[i % len(kinds)]` and the recall rows' target positions cycle through the episode, so every split is
 balanced over kinds and over the asked position:
@@ -346,20 +341,15 @@ def _sample_attributes(rng: np.random.Generator, split: str, held_out_fraction: 
     }
 
 
-def _check_fraction(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be a number in [0, 1], got {value!r}")
-
-
 def _check_arguments(image_size: Any, episode_size: Any, seed: Any, kinds: tuple[str, ...],
-                     held_out_fraction: Any, greyscale_fraction: Any = 0.0) -> None:
+                     held_out_fraction: Any) -> None:
     _check_int("image_size", image_size, MIN_IMAGE_SIZE)
     _check_int("episode_size", episode_size, 2)
     _check_int("seed", seed, 0)
     if not kinds or any(kind not in KINDS for kind in kinds) or len(set(kinds)) != len(kinds):
         raise ValueError(f"kinds must be a non-empty subset of {KINDS} without repeats, got {kinds!r}")
-    _check_fraction("held_out_fraction", held_out_fraction)
-    _check_fraction("greyscale_fraction", greyscale_fraction)
+    if not isinstance(held_out_fraction, numbers.Real) or not 0.0 <= held_out_fraction <= 1.0:
+        raise ValueError(f"held_out_fraction must be a number in [0, 1], got {held_out_fraction!r}")
 
 
 def _as_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
@@ -367,18 +357,15 @@ def _as_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
 
 
 def make_sample(split: str, index: int, *, seed: int = 0, image_size: int = 64, episode_size: int = 4,
-                kinds: str | Iterable[str] = KINDS, held_out_fraction: float = 0.5,
-                greyscale_fraction: float = 0.0) -> dict[str, Any]:
+                kinds: str | Iterable[str] = KINDS, held_out_fraction: float = 0.5) -> dict[str, Any]:
     """Sample `index` of `split`, as a row of `FEATURES` with images as PNG bytes.
 
     The same arguments always give the same row, PNG bytes included. Kinds and recall targets cycle with the
     index (sample i is `kinds[i % len(kinds)]`; the recall rows ask about images 1, 2, …, `episode_size`, 1, …
-    in turn), so every split is balanced over kinds and over target positions. In train, a `greyscale_fraction`
-    of the questions on shape, count or position show a greyscale image (drawn from a generator of their own, so
-    every other row is the same whatever the fraction).
+    in turn), so every split is balanced over kinds and over target positions.
     """
     kinds = _as_kinds(kinds)
-    _check_arguments(image_size, episode_size, seed, kinds, held_out_fraction, greyscale_fraction)
+    _check_arguments(image_size, episode_size, seed, kinds, held_out_fraction)
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     _check_int("index", index, 0)
@@ -399,11 +386,7 @@ def make_sample(split: str, index: int, *, seed: int = 0, image_size: int = 64, 
                       asked=asked, target_index=target)
     else:
         attributes = _sample_attributes(rng, split, held_out_fraction)
-        image = render_image(**attributes, image_size=image_size, rng=rng)
-        if (kind == "qa" and asked != "colour" and split == "train" and greyscale_fraction > 0
-                and np.random.default_rng([seed, SPLITS.index(split), index, 1]).random() < greyscale_fraction):
-            image = image.convert("L").convert("RGB")
-        sample["image"] = _png(image)
+        sample["image"] = _png(render_image(**attributes, image_size=image_size, rng=rng))
         if kind == "caption":
             sample["text"] = caption_for(attributes)
         else:
@@ -422,7 +405,6 @@ def build_synthetic_dataset(
     seed: int = 0,
     kinds: str | Iterable[str] = KINDS,
     held_out_fraction: float = 0.5,
-    greyscale_fraction: float = 0.0,
 ) -> datasets.DatasetDict:
     """The built-in set as a `DatasetDict` with train / validation / test splits of the schema `FEATURES`.
 
@@ -435,19 +417,16 @@ def build_synthetic_dataset(
         seed: data seed (>= 0); with the split and the sample index it fixes every sample.
         kinds: sample kinds ("caption", "qa", "recall"), taken in turn: sample i is `kinds[i % len(kinds)]`.
         held_out_fraction: in validation and test, the probability that an image uses a `HELD_OUT_PAIRS` pair.
-        greyscale_fraction: in train, the probability that a question on shape, count or position shows its image
-            in greyscale (its answer stays true).
     """
     kinds = _as_kinds(kinds)
     for name, value in (("num_train", num_train), ("num_validation", num_validation), ("num_test", num_test)):
         _check_int(name, value, 0)
-    _check_arguments(image_size, episode_size, seed, kinds, held_out_fraction, greyscale_fraction)
+    _check_arguments(image_size, episode_size, seed, kinds, held_out_fraction)
     start = time.perf_counter()
     splits = {}
     for split, size in zip(SPLITS, (num_train, num_validation, num_test)):
         rows = [make_sample(split, index, seed=seed, image_size=image_size, episode_size=episode_size, kinds=kinds,
-                            held_out_fraction=held_out_fraction, greyscale_fraction=greyscale_fraction)
-                for index in range(size)]
+                            held_out_fraction=held_out_fraction) for index in range(size)]
         splits[split] = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in FEATURES},
                                                    features=FEATURES, split=datasets.NamedSplit(split))
     logger.info("built the shapes set (%s) at %d px in %.1f s", {s: len(d) for s, d in splits.items()}, image_size,
