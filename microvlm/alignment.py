@@ -1,4 +1,5 @@
-"""CLIP-style image–text alignment (the seeds' "EVO-1 alignment"): projected CLS against mean-pooled text."""
+"""CLIP-style image–text alignment (the seeds' "EVO-1 alignment"): a projected image embedding (the vision CLS, or
+the adapter's flattened prefix) against mean-pooled text-token embeddings."""
 
 import math
 
@@ -16,34 +17,56 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
-def info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bidirectional InfoNCE over a batch of matching pairs.
+def equal_sequences(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, B) bool: rows i and j hold the same token sequence, where `ids` (B, T) counts only where `mask` (B, T)
+    is true (padding and image placeholders may sit anywhere and in any number)."""
+    # Move each row's kept tokens to its front, in order (a stable sort of the "dropped" flags), fill the rest.
+    order = torch.sort((~mask).to(torch.int8), dim=1, stable=True).indices
+    kept = mask.gather(1, order)
+    compact = torch.where(kept, ids.gather(1, order), torch.full_like(ids, -1))
+    return (compact.unsqueeze(1) == compact.unsqueeze(0)).all(-1)
 
-    image_embeds, text_embeds: (B, D), row i of each is a positive pair; logit_scale = 1/τ (scalar).
-    Returns (loss, logits (B, B)): loss = ½·[CE(logits, I) + CE(logitsᵀ, I)], logits = scale · cos-sim.
+
+def info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
+             positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bidirectional, target-aware InfoNCE.
+
+    image_embeds, text_embeds: (B, D), row i of each is a pair; logit_scale = 1/τ (scalar); positives: (B, B) bool,
+    true where image i and text j match (its diagonal must be true), e.g. where texts i and j are equal; None means
+    the identity. Each row's target is uniform over its positives (soft targets), so two rows with the same caption
+    are not pushed apart; with the identity this is CLIP's loss.
+    Returns (loss, logits (B, B)): loss = ½·[CE(logits, P/ΣP) + CE(logitsᵀ, Pᵀ/ΣPᵀ)], logits = scale · cos-sim.
     """
     image_embeds = F.normalize(image_embeds.float(), dim=-1)
     text_embeds = F.normalize(text_embeds.float(), dim=-1)
     logits = logit_scale.float() * image_embeds @ text_embeds.T
-    targets = torch.arange(logits.shape[0], device=logits.device)
-    loss = 0.5 * (F.cross_entropy(logits, targets) + F.cross_entropy(logits.T, targets))
-    return loss, logits
+    if positives is None:
+        positives = torch.eye(logits.shape[0], dtype=torch.bool, device=logits.device)
+    elif not bool(positives.diagonal().all()):
+        raise ValueError("info_nce: every image must be a positive of its own text (the diagonal of `positives`)")
+    targets = positives.to(logits.dtype)
+    image_to_text = F.cross_entropy(logits, targets / targets.sum(1, keepdim=True))
+    text_to_image = F.cross_entropy(logits.T, targets.T / targets.T.sum(1, keepdim=True))
+    return 0.5 * (image_to_text + text_to_image), logits
 
 
 class MicroVLMAlignmentHead(nn.Module):
-    """Projects the vision CLS (B, Dv) into the LM embedding space (B, D) and scores it against text."""
+    """Projects an image embedding (B, `config.alignment_input_size`) into the LM embedding space (B, D) and scores
+    it against text."""
 
     def __init__(self, config: MicroVLMConfig):
         super().__init__()
-        self.proj = nn.Linear(config.vision_hidden_size, config.text_config.hidden_size)
+        self.proj = nn.Linear(config.alignment_input_size, config.text_config.hidden_size)
         # A parameter even when frozen, so that it is saved and loaded like every other weight.
         self.initial_log_logit_scale = math.log(1.0 / config.alignment_temperature)
         self.log_logit_scale = nn.Parameter(
             torch.tensor(self.initial_log_logit_scale), requires_grad=config.alignment_learnable_temperature
         )
 
-    def forward(self, image_cls: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """image_cls (B, Dv), text_embeds (B, T, D), text_mask (B, T) → (InfoNCE loss, logits (B, B))."""
+    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
+                positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """image_embeds (B, alignment_input_size), text_embeds (B, T, D), text_mask (B, T), positives (B, B) bool
+        or None (see `info_nce`) → (InfoNCE loss, logits (B, B))."""
         # exp(log) keeps a learnable temperature positive; clamp like CLIP so it cannot blow up.
         scale = self.log_logit_scale.exp().clamp(max=100.0)
-        return info_nce(self.proj(image_cls), masked_mean(text_embeds, text_mask), scale)
+        return info_nce(self.proj(image_embeds), masked_mean(text_embeds, text_mask), scale, positives)

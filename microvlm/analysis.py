@@ -7,6 +7,8 @@
   prefix keys).
 * `slot_utilisation`: how evenly the episodic memory's addressing weights use its slots.
 * `retrieval_recall` / `recall_from_similarity`: image→text and text→image recall@k.
+* `linear_probe`: held-out accuracy of a closed-form ridge classifier on features (what an encoder makes linearly
+  readable, e.g. the shape of the drawn objects from pooled vision features).
 
 Everything is computed in float64 and returns plain Python numbers, so results go straight into JSON.
 """
@@ -270,3 +272,30 @@ def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, ks: 
     images = torch.nn.functional.normalize(image_embeds.detach().double(), dim=-1)
     texts = torch.nn.functional.normalize(text_embeds.detach().double(), dim=-1)
     return recall_from_similarity(images @ texts.T, correct, ks)
+
+
+# ---------------------------------------------------------------------------------------------- linear probe
+
+
+def linear_probe(features: torch.Tensor, labels: torch.Tensor, num_classes: int, ridge: float = 0.1) -> float:
+    r"""Accuracy of a ridge-regression classifier trained on the first half of the rows, tested on the second.
+
+    features: (N, F); labels: (N,) integers in [0, num_classes). Features are standardised with the first half's
+    statistics and get a constant column; the one-hot targets Y are fitted in closed form in the dual,
+    W = Xᵀ (X Xᵀ + λ I)⁻¹ Y with λ = ridge · tr(X Xᵀ) / n (scale-free, and exact when N/2 < F), and a test row's
+    class is argmax x W. Returns the fraction of the second half classified right.
+    """
+    if features.shape[0] != labels.shape[0] or features.shape[0] < 2:
+        raise ValueError(
+            f"linear_probe needs ≥ 2 rows, one label each: got {features.shape[0]} rows, {labels.shape[0]} labels"
+        )
+    x, y = features.double(), labels.long()
+    half = x.shape[0] // 2
+    mean, std = x[:half].mean(0), x[:half].std(0).clamp(min=1e-8)
+    x = torch.cat([(x - mean) / std, torch.ones(x.shape[0], 1, dtype=x.dtype)], 1)
+    train, test = x[:half], x[half:]
+    gram = train @ train.T
+    regulariser = ridge * gram.diagonal().mean() * torch.eye(half, dtype=x.dtype)
+    targets = torch.nn.functional.one_hot(y[:half], num_classes).double()
+    weights = train.T @ torch.linalg.solve(gram + regulariser, targets)
+    return float(((test @ weights).argmax(1) == y[half:]).double().mean())

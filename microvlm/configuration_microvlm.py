@@ -19,6 +19,7 @@ AUTO_MAP = {
     "AutoModelForCausalLM": "modeling_microvlm.MicroVLMForCausalLM",
     "AutoModelForImageTextToText": "modeling_microvlm.MicroVLMForCausalLM",
 }
+ALIGNMENT_IMAGE_SOURCES = ("cls", "prefix")
 
 
 def _as_sub_config(value: "dict | PretrainedConfig | None", default_model_type: str, field: str) -> PretrainedConfig:
@@ -61,6 +62,13 @@ class MicroVLMConfig(PretrainedConfig):
             learned queries (25 for DeiT-Tiny's 196 patches).
         adapter_mlp_ratio (`int`): hidden width of the adapter MLP as a multiple of the LM hidden size.
         adapter_num_heads (`int`): heads of the adapter's cross-attention pooling.
+        adapter_patch_positions (`bool`):
+            Add learned per-patch position embeddings (num_patches, hidden) to the adapter's keys. Convolutional
+            towers carry no absolute position and the pooling attention is order-blind, so without them "on the
+            left" cannot be told from "on the right"; ViT/DeiT towers have their own and leave this off.
+        alignment_image_source (`str`):
+            What the alignment head projects: `"cls"`, the vision CLS (the mean of the patch tokens without one),
+            or `"prefix"`, the adapter's k prefix tokens flattened (k · hidden), which carry the adapter's positions.
         alignment_temperature (`float`), alignment_learnable_temperature (`bool`):
             Temperature τ of the bidirectional InfoNCE between projected CLS and mean-pooled text embeddings.
         lm_loss_weight, alignment_loss_weight, memory_kl_weight, addressing_kl_weight (`float`):
@@ -95,6 +103,8 @@ class MicroVLMConfig(PretrainedConfig):
         max_prefix_tokens: int = 64,
         adapter_mlp_ratio: int = 2,
         adapter_num_heads: int = 8,
+        adapter_patch_positions: bool = False,
+        alignment_image_source: str = "cls",
         alignment_temperature: float = 0.07,
         alignment_learnable_temperature: bool = False,
         lm_loss_weight: float = 1.0,
@@ -130,6 +140,8 @@ class MicroVLMConfig(PretrainedConfig):
         self.max_prefix_tokens = max_prefix_tokens
         self.adapter_mlp_ratio = adapter_mlp_ratio
         self.adapter_num_heads = adapter_num_heads
+        self.adapter_patch_positions = adapter_patch_positions
+        self.alignment_image_source = alignment_image_source
         self.alignment_temperature = alignment_temperature
         self.alignment_learnable_temperature = alignment_learnable_temperature
         self.lm_loss_weight = lm_loss_weight
@@ -179,6 +191,11 @@ class MicroVLMConfig(PretrainedConfig):
                 f"{self.memory_num_slots}: with fewer key dims than slots a read cannot find the address a step was "
                 "written at. Raise memory_key_dim or lower memory_num_slots."
             )
+        if self.alignment_image_source not in ALIGNMENT_IMAGE_SOURCES:
+            raise ValueError(
+                f"MicroVLMConfig.alignment_image_source must be one of {ALIGNMENT_IMAGE_SOURCES}, "
+                f"got {self.alignment_image_source!r}"
+            )
         if self.alignment_temperature <= 0:
             raise ValueError(f"MicroVLMConfig.alignment_temperature must be > 0, got {self.alignment_temperature}")
 
@@ -187,6 +204,14 @@ class MicroVLMConfig(PretrainedConfig):
         """Width of the vision tower's tokens (`hidden_sizes[-1]` for convolutional towers)."""
         sizes = getattr(self.vision_config, "hidden_sizes", None)
         return sizes[-1] if sizes else self.vision_config.hidden_size
+
+    @property
+    def alignment_input_size(self) -> int:
+        """Width of the image embedding the alignment head projects: the vision width for `"cls"`, k · hidden for
+        `"prefix"`."""
+        if self.alignment_image_source == "prefix":
+            return self.num_image_tokens * self.text_config.hidden_size
+        return self.vision_hidden_size
 
     @property
     def num_patches(self) -> int:

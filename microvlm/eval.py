@@ -14,6 +14,8 @@ PNG plots. Every figure stands beside a baseline from the same run and its chanc
   lengths against the number of slots.
 * real photos: captions generated for the photos shipped in scikit-image, scikit-learn and matplotlib
   (`data/real_photos.py`), scored against hand-written references — a smoke test, no quality bar.
+* vision probe: linear (ridge) probes of colour, shape, count and position on the vision tower's pooled patch
+  tokens and on the adapter's flattened prefix, trained on one half of the test images, scored on the other.
 * analysis: sliced Epps–Pulley (LeJEPA) of projected CLS, pooled prefix and mean text embeddings beside a
   Monte-Carlo null; attention entropy and sparsity over the prefix tokens; memory slot utilisation.
 """
@@ -30,12 +32,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 
-from .analysis import attention_stats, epps_pulley_null, recall_from_similarity, slot_utilisation, sliced_epps_pulley
+from .analysis import (attention_stats, epps_pulley_null, linear_probe, recall_from_similarity, slot_utilisation,
+                       sliced_epps_pulley)
 from .data.collator import MicroVLMCollator
 from .data.real_photos import load_real_photos
 from .data.synthetic_shapes import (COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset,
                                     edited_recall_sample, parse_attributes)
 from .metrics import caption_metrics, load_metric
+from .visualisation import eager_language_attention
 
 logger = logging.getLogger("microvlm.eval")
 ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES), "count": len(COUNTS), "position": len(POSITIONS)}
@@ -199,17 +203,38 @@ def embedding_analysis(model, processor, rows: list[dict], args: EvalArguments) 
         n, dim = embeddings.shape
         results[name] = {"statistic": sliced_epps_pulley(embeddings, args.num_slices, args.seed),
                          "null": epps_pulley_null(n, dim, args.num_slices, seed=args.seed), "n": n, "dim": dim}
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
+    with eager_language_attention(model):
         attentions = model(**{k: v for k, v in batch.items() if k not in ("labels", "scope_labels")}, output_attentions=True, use_memory=False).attentions
-    finally:
-        model.set_attn_implementation(previous)
     prefix_columns = batch["input_ids"][0] == model.config.image_token_id
     text_rows = (batch["input_ids"] != model.config.image_token_id) & batch["attention_mask"].bool()
     weights = torch.stack(attentions).mean(2)[:, :, :, prefix_columns]  # (layers, B, T, k)
     results["prefix_attention"] = attention_stats(weights.permute(1, 2, 0, 3)[text_rows])
     return results
+
+
+@torch.no_grad()
+def vision_probe(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, Any]:
+    """Linear-probe accuracy of each attribute from (a) the vision tower's patch tokens averaged (B, Dv) and (b) the
+    adapter's prefix tokens flattened (B, k·D): what the image encoder makes linearly readable, before and after
+    the adapter. `analysis.linear_probe` trains on the first half of `rows`, tests on the second."""
+    features: dict[str, list[torch.Tensor]] = {"pooled_patches": [], "prefix": []}
+    collator = MicroVLMCollator(processor)
+    for chunk in batches(rows, args.batch_size, "vision probe"):
+        pixels = collator(chunk)["pixel_values"]
+        tokens = model.model.vision_tower(pixel_values=pixels).last_hidden_state
+        if tokens.dim() == 4:  # convolutional towers: (B, C, H, W) maps
+            tokens = tokens.flatten(2).transpose(1, 2)
+        features["pooled_patches"].append(tokens[:, -model.config.num_patches :].mean(1))
+        features["prefix"].append(model.model.adapter(tokens[:, -model.config.num_patches :])[0].flatten(1))
+    vocabularies = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNTS), "position": list(POSITIONS)}
+    labels = {name: torch.tensor([vocabulary.index(r[name]) for r in rows])
+              for name, vocabulary in vocabularies.items()}
+    result: dict[str, Any] = {"rows_train": len(rows) // 2, "rows_test": len(rows) - len(rows) // 2,
+                              "chance": {name: 1 / len(vocabulary) for name, vocabulary in vocabularies.items()}}
+    for source, chunks in features.items():
+        stacked = torch.cat(chunks).float()
+        result[source] = {name: linear_probe(stacked, labels[name], len(vocabularies[name])) for name in vocabularies}
+    return result
 
 
 def evaluate_model(args: EvalArguments) -> dict[str, Any]:
@@ -293,6 +318,7 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
 
     analysed = captions[: min(len(captions), 256)]
     results["analysis"] = embedding_analysis(model, processor, analysed, args)
+    results["analysis"]["vision_probe"] = vision_probe(model, processor, captions + questions, args)
     results["analysis"]["memory_slots"] = memory_slot_usage(model, processor, recalls, args)
     results["headline"] = headline(results)
     return results, model, processor, captions, recalls, similarity

@@ -138,7 +138,7 @@ def model_card(folder: Path, repo_id: str, eval_results: dict[str, Any], license
         patches=patches,
         prefix=prefix,
         image_size=vision["image_size"],
-        vision_dim=vision["hidden_size"],
+        vision_dim=microvlm_config.vision_hidden_size,
         hidden=text["hidden_size"],
         mlp=config["adapter_mlp_ratio"] * text["hidden_size"],
         layers=text["num_hidden_layers"],

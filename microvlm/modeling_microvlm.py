@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import ModelOutput
 
-from .alignment import MicroVLMAlignmentHead, masked_mean
+from .alignment import MicroVLMAlignmentHead, equal_sequences, masked_mean
 from .configuration_microvlm import MicroVLMConfig
 from .episodic_memory import MemoryRead, MicroVLMEpisodicMemory
 from .larimar_memory import LarimarMemory, MemoryState
@@ -64,7 +64,8 @@ class MicroVLMCausalLMOutput(ModelOutput):
         logits: (batch, seq, vocab) next-token scores.
         past_key_values, hidden_states, attentions: the language model's.
         lm_loss: next-token cross-entropy over text tokens only (image placeholders and padding ignored).
-        alignment_loss: bidirectional InfoNCE between projected CLS and mean-pooled text embeddings.
+        alignment_loss: bidirectional target-aware InfoNCE between the projected image embedding (see
+            `config.alignment_image_source`) and mean-pooled text embeddings; rows with equal texts are all positives.
         alignment_logits: (images, images) image→text similarity logits scaled by 1/τ.
         image_prefix: (images, k, hidden) the adapter's prefix tokens.
         image_attention: (images, k, num_patches) the adapter's pooling attention, when `output_attentions`.
@@ -130,6 +131,8 @@ class MicroVLMPreTrainedModel(PreTrainedModel):
         if isinstance(module, MicroVLMVisionAdapter):
             init.normal_(module.queries, mean=0.0, std=std)
             init.normal_(module.position_embeddings, mean=0.0, std=std)
+            if module.patch_position_embeddings is not None:
+                init.normal_(module.patch_position_embeddings, mean=0.0, std=std)
         elif isinstance(module, MicroVLMAlignmentHead):
             init.constant_(module.log_logit_scale, module.initial_log_logit_scale)
         elif isinstance(module, LarimarMemory):
@@ -489,18 +492,27 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         words = input_ids != self.config.image_token_id
         if text_mask is not None:
             words = words & text_mask[:, -input_ids.shape[1] :].bool()
-        text_embeds = self.get_input_embeddings()(input_ids[with_image])
-        return self.model.alignment(image.cls, text_embeds, words[with_image])
+        ids, words = input_ids[with_image], words[with_image]
+        # Many rows share a caption (or a question and its answer): equal texts are all positives of an image.
+        positives = equal_sequences(ids, words)
+        return self.model.alignment(self._alignment_input(image), self.get_input_embeddings()(ids), words, positives)
+
+    def _alignment_input(self, image: MicroVLMImageFeatures) -> torch.Tensor:
+        """The image embedding the alignment head projects, (B_img, `config.alignment_input_size`)."""
+        if self.config.alignment_image_source == "prefix":
+            return image.prefix.flatten(1)
+        return image.cls
 
     def embed_images_and_texts(
         self, pixel_values: torch.FloatTensor, input_ids: torch.LongTensor, attention_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unit-norm embeddings for retrieval: images (B_img, D) from the projected CLS, texts (B, D) from
-        mean-pooled text-token embeddings (placeholders and padding excluded)."""
-        image_cls = self.model.get_image_features(pixel_values).cls
+        """Unit-norm embeddings for retrieval: images (B_img, D) from the projected image embedding (see
+        `config.alignment_image_source`), texts (B, D) from mean-pooled text-token embeddings (placeholders and
+        padding excluded)."""
+        image = self.model.get_image_features(pixel_values)
         text_mask = (input_ids != self.config.image_token_id) & attention_mask.bool()
         texts = masked_mean(self.get_input_embeddings()(input_ids), text_mask)
-        images = self.model.alignment.proj(image_cls)
+        images = self.model.alignment.proj(self._alignment_input(image))
         return nn.functional.normalize(images.float(), dim=-1), nn.functional.normalize(texts.float(), dim=-1)
 
     # ------------------------------------------------------------------ episodic memory at inference

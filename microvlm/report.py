@@ -142,6 +142,14 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
     for name in ("projected_cls", "pooled_prefix", "mean_text"):
         e = results["analysis"][name]
         lines.append(f"| {name} | {e['n']} × {e['dim']} | {e['statistic']:.3f} | {e['null']['mean']:.3f} | {e['null']['q95']:.3f} |")
+    probe = results["analysis"]["vision_probe"]
+    lines += ["", f"Linear probes (ridge, trained on {probe['rows_train']} test images, scored on the other "
+              f"{probe['rows_test']}): what the image encoder makes linearly readable.", "",
+              "| features | colour | shape | count | position |", "|---|---|---|---|---|"]
+    for name, title in (("pooled_patches", "vision tower, mean of patch tokens"),
+                        ("prefix", "adapter prefix, flattened"), ("chance", "chance")):
+        cells = " | ".join(_pct(probe[name][a]) for a in ("colour", "shape", "count", "position"))
+        lines.append(f"| {title} | {cells} |")
     a, m = results["analysis"]["prefix_attention"], results["analysis"]["memory_slots"]
     lines += ["", f"Text → prefix attention: entropy {a['entropy']:.3f} nats ({a['normalised_entropy']:.2f} of uniform), "
               f"sparsity {a['sparsity']:.2f}, Gini {a['gini']:.2f}.",

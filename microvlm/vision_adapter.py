@@ -7,8 +7,9 @@ from .configuration_microvlm import MicroVLMConfig
 
 
 class MicroVLMVisionAdapter(nn.Module):
-    """Linear(vision→hidden) → MLP(hidden→ratio·hidden→hidden, GELU) → cross-attention pooling with k learned
-    queries → learned positions → LayerNorm.
+    """Linear(vision→hidden) → MLP(hidden→ratio·hidden→hidden, GELU) [→ + learned per-patch positions, with
+    `config.adapter_patch_positions`] → cross-attention pooling with k learned queries → learned positions →
+    LayerNorm.
 
     Input patches (batch, num_patches, vision_dim); output prefix tokens (batch, k, hidden) with
     k = `config.num_image_tokens` (25 for DeiT-Tiny + Qwen2.5-0.5B).
@@ -24,6 +25,10 @@ class MicroVLMVisionAdapter(nn.Module):
             nn.Linear(config.adapter_mlp_ratio * hidden, hidden),
         )
         self.queries = nn.Parameter(torch.empty(config.num_image_tokens, hidden))
+        # Keys (and values) of convolutional towers know no absolute position: give them one per patch.
+        self.patch_position_embeddings = (
+            nn.Parameter(torch.empty(config.num_patches, hidden)) if config.adapter_patch_positions else None
+        )
         self.pool = nn.MultiheadAttention(hidden, config.adapter_num_heads, batch_first=True)
         self.position_embeddings = nn.Parameter(torch.empty(config.num_image_tokens, hidden))
         self.norm = nn.LayerNorm(hidden)
@@ -31,6 +36,8 @@ class MicroVLMVisionAdapter(nn.Module):
     def forward(self, patches: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """patches (B, P, Dv) → (prefix (B, k, D), pooling attention (B, k, P) averaged over heads, or None)."""
         keys = self.mlp(self.input_proj(patches))
+        if self.patch_position_embeddings is not None:
+            keys = keys + self.patch_position_embeddings
         queries = self.queries.unsqueeze(0).expand(patches.shape[0], -1, -1)
         pooled, attention = self.pool(queries, keys, keys, need_weights=return_attention)
         return self.norm(pooled + self.position_embeddings), attention

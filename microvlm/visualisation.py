@@ -5,6 +5,9 @@ the text × prefix attention of the language model, the memory's addressing weig
 and the image–text similarity matrix of the alignment head.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on training machines
@@ -25,16 +28,25 @@ def _heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, cmap: s
     return figure
 
 
+@contextmanager
+def eager_language_attention(model) -> Iterator[None]:
+    """Run the language model on eager attention inside the block (sdpa returns no attention weights). Only the
+    LM is switched: convolutional vision towers (ResNet, ConvNeXt) have no attention implementation to set."""
+    language = model.model.language_model
+    previous = language.config._attn_implementation
+    language.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        language.set_attn_implementation(previous)
+
+
 @torch.no_grad()
 def text_prefix_attention(model, batch: dict[str, torch.Tensor], row: int = 0) -> Figure:
     """Attention of row `row`'s text tokens (y) over its image prefix tokens (x), averaged over layers and heads."""
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")  # sdpa does not return attention weights
-    try:
+    with eager_language_attention(model):
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     pixel_values=batch.get("pixel_values"), output_attentions=True, use_memory=False)
-    finally:
-        model.set_attn_implementation(previous)
     attention = torch.stack(out.attentions).mean((0, 2))[row]  # (T, T)
     ids, mask = batch["input_ids"][row], batch["attention_mask"][row].bool()
     prefix = (ids == model.config.image_token_id) & mask

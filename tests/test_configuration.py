@@ -51,6 +51,7 @@ def test_save_load_round_trip_through_auto_config(tmp_path):
     [
         ({"adapter_num_heads": 7}, "adapter_num_heads"),
         ({"alignment_temperature": 0.0}, "alignment_temperature"),
+        ({"alignment_image_source": "pooled"}, "alignment_image_source"),
         ({"min_prefix_tokens": 9, "max_prefix_tokens": 4}, "min_prefix_tokens"),
         ({"vision_config": 3}, "vision_config"),
     ],

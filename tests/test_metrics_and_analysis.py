@@ -11,8 +11,8 @@ import sacrebleu
 import torch
 
 from microvlm.analysis import (attention_stats, epps_pulley, epps_pulley_null, epps_pulley_slices, gaussianity_report,
-                               recall_from_similarity, retrieval_recall, sliced_epps_pulley, slot_utilisation,
-                               unit_directions)
+                               linear_probe, recall_from_similarity, retrieval_recall, sliced_epps_pulley,
+                               slot_utilisation, unit_directions)
 from microvlm.metrics import available_metrics, caption_metrics, load_metric, meteor_available, metric_path
 from microvlm.metrics.cider_d.cider_d import cider_d_scores
 from microvlm.metrics.exact_match.exact_match import normalise
@@ -273,3 +273,32 @@ def test_recall_from_similarity_counts_identical_captions_as_right():
     assert recall_from_similarity(similarity, ks=(1,))["image_to_text_r@1"] == pytest.approx(2 / 3)
     correct = torch.tensor([[True, True, False], [True, True, False], [False, False, True]])
     assert recall_from_similarity(similarity, correct, ks=(1,))["image_to_text_r@1"] == 1.0
+
+
+def test_linear_probe_equals_primal_ridge_computed_independently():
+    import numpy as np
+
+    generator = torch.Generator().manual_seed(0)
+    features = torch.randn(60, 7, generator=generator) * torch.arange(1, 8) + 3.0
+    labels = torch.randint(0, 3, (60,), generator=generator)
+    # Reference in numpy, primal form: standardise with the first half, add a bias column, solve (XᵀX + λI) W = XᵀY.
+    x, y = features.numpy().astype(np.float64), labels.numpy()
+    train, test = x[:30], x[30:]
+    mean, std = train.mean(0), train.std(0, ddof=1)
+    design = lambda a: np.hstack([(a - mean) / std, np.ones((len(a), 1))])
+    a = design(train)
+    lam = 0.1 * np.trace(a @ a.T) / 30
+    weights = np.linalg.solve(a.T @ a + lam * np.eye(a.shape[1]), a.T @ np.eye(3)[y[:30]])
+    expected = float(((design(test) @ weights).argmax(1) == y[30:]).mean())
+    assert linear_probe(features, labels, 3) == pytest.approx(expected)
+
+
+def test_linear_probe_reads_a_linearly_coded_label_and_not_noise():
+    generator = torch.Generator().manual_seed(1)
+    labels = torch.randint(0, 4, (400,), generator=generator)
+    coded = torch.nn.functional.one_hot(labels, 4).float() @ torch.randn(4, 32, generator=generator)
+    noise = torch.randn(400, 32, generator=generator)
+    assert linear_probe(coded + 0.1 * noise, labels, 4) == 1.0
+    assert linear_probe(noise, labels, 4) < 0.4  # chance is 0.25
+    with pytest.raises(ValueError, match="rows"):
+        linear_probe(noise[:5], labels[:4], 4)

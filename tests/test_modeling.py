@@ -2,10 +2,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import DeiTConfig, DeiTForImageClassification, DeiTModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModel, DeiTConfig, DeiTForImageClassification, Qwen2Config, Qwen2ForCausalLM
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
-from microvlm.alignment import info_nce
+from microvlm.alignment import equal_sequences, info_nce
+from microvlm.vision_adapter import MicroVLMVisionAdapter
 
 from .conftest import make_inputs
 
@@ -72,14 +73,39 @@ def test_info_nce_matches_an_independent_loop():
     assert logits.shape == (5, 5)
 
 
-def test_alignment_loss_uses_projected_cls_and_mean_of_real_text_tokens(tiny_model, tiny_config):
-    inputs = make_inputs(tiny_config, [4, 7, 2])
-    out = tiny_model(**inputs, labels=inputs["input_ids"])
+# The tiny preset with a DeiT tower, as microvlm-v has: a CLS token, its own position embeddings.
+DEIT_TINY = {"vision_config": {"model_type": "deit", "image_size": 64, "patch_size": 8, "hidden_size": 96,
+                               "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 384},
+             "vision_tower_kwargs": {"add_pooling_layer": False}, "vision_cls_token": True, "vision_num_patches": None,
+             "adapter_patch_positions": False, "alignment_image_source": "cls"}
+
+
+def test_alignment_loss_uses_projected_cls_and_mean_of_real_text_tokens():
+    config = MicroVLMConfig.from_preset("tiny", **DEIT_TINY)
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(config).eval()
+    inputs = make_inputs(config, [4, 7, 2])
+    out = model(**inputs, labels=inputs["input_ids"])
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
-    cls = tiny_model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
-    embeds = tiny_model.get_input_embeddings()(ids)
-    texts = torch.stack([embeds[r][(mask[r] == 1) & (ids[r] != tiny_config.image_token_id)].mean(0) for r in range(3)])
-    expected, _ = info_nce(tiny_model.model.alignment.proj(cls), texts, torch.tensor(1 / tiny_config.alignment_temperature))
+    cls = model.model.vision_tower(pixel_values=inputs["pixel_values"]).last_hidden_state[:, 0]
+    embeds = model.get_input_embeddings()(ids)
+    texts = torch.stack([embeds[r][(mask[r] == 1) & (ids[r] != config.image_token_id)].mean(0) for r in range(3)])
+    expected, _ = info_nce(model.model.alignment.proj(cls), texts, torch.tensor(1 / config.alignment_temperature))
+    torch.testing.assert_close(out.alignment_loss, expected)
+
+
+def test_alignment_on_the_prefix_projects_the_flattened_prefix_tokens():
+    config = MicroVLMConfig.from_preset("tiny", alignment_image_source="prefix")
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(config).eval()
+    assert model.model.alignment.proj.in_features == config.num_image_tokens * config.text_config.hidden_size
+    inputs = make_inputs(config, [4, 7, 2])
+    out = model(**inputs, labels=inputs["input_ids"])
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    embeds = model.get_input_embeddings()(ids)
+    texts = torch.stack([embeds[r][(mask[r] == 1) & (ids[r] != config.image_token_id)].mean(0) for r in range(3)])
+    images = model.model.alignment.proj(out.image_prefix.reshape(3, -1))
+    expected, _ = info_nce(images, texts, torch.tensor(1 / config.alignment_temperature))
     torch.testing.assert_close(out.alignment_loss, expected)
 
 
@@ -102,14 +128,20 @@ def test_placeholder_count_mismatch_is_a_clear_error(tiny_model, tiny_config):
         tiny_model(**inputs)
 
 
-def test_pretrained_backbones_load_from_local_folders(tmp_path, tiny_config):
+@pytest.mark.parametrize("tower", ["tiny preset", "deit"])
+def test_pretrained_backbones_load_from_local_folders(tmp_path, tower):
+    overrides = DEIT_TINY if tower == "deit" else {}
+    tiny_config = MicroVLMConfig.from_preset("tiny", **overrides)
     torch.manual_seed(3)
-    vision = DeiTModel(tiny_config.vision_config, add_pooling_layer=False)
+    vision = AutoModel.from_config(tiny_config.vision_config, **tiny_config.vision_tower_kwargs)
     language = Qwen2ForCausalLM(Qwen2Config(**tiny_config.text_config.to_dict()))
     vision.save_pretrained(tmp_path / "vision")
     language.save_pretrained(tmp_path / "language")
+    settings = ("vision_tower_kwargs", "vision_cls_token", "vision_num_patches", "adapter_patch_positions",
+                "alignment_image_source")
     model = MicroVLMForCausalLM.from_pretrained_backbones(
-        tmp_path / "vision", tmp_path / "language", image_token_id=3, vision_tower_kwargs={"add_pooling_layer": False}
+        tmp_path / "vision", tmp_path / "language", image_token_id=3,
+        **{name: getattr(tiny_config, name) for name in settings},
     )
     for name, tensor in vision.state_dict().items():
         torch.testing.assert_close(model.model.vision_tower.state_dict()[name], tensor)
@@ -117,3 +149,84 @@ def test_pretrained_backbones_load_from_local_folders(tmp_path, tiny_config):
         torch.testing.assert_close(model.model.language_model.state_dict()[name], tensor)
     assert model.config.num_image_tokens == tiny_config.num_image_tokens
     assert model.lm_head.weight is model.get_input_embeddings().weight
+
+
+def test_target_aware_info_nce_matches_an_independent_loop_with_repeated_captions():
+    torch.manual_seed(2)
+    captions = ["two red circles", "one blue star", "two red circles", "four green squares", "one blue star", "x"]
+    images, texts = torch.randn(6, 16), torch.randn(6, 16)
+    tau = 0.1
+    positives = torch.tensor([[a == b for b in captions] for a in captions])
+    loss, logits = info_nce(images, texts, torch.tensor(1 / tau), positives)
+    # Reference: every row's target is uniform over the rows whose caption equals its own, in both directions.
+    reference = 0.0
+    for i in range(6):
+        matches = [j for j in range(6) if captions[j] == captions[i]]
+        sims_i2t = torch.stack([F.cosine_similarity(images[i], texts[j], dim=0) / tau for j in range(6)])
+        sims_t2i = torch.stack([F.cosine_similarity(texts[i], images[j], dim=0) / tau for j in range(6)])
+        reference += sum(torch.logsumexp(sims_i2t, 0) - sims_i2t[j] for j in matches) / len(matches)
+        reference += sum(torch.logsumexp(sims_t2i, 0) - sims_t2i[j] for j in matches) / len(matches)
+    torch.testing.assert_close(loss, reference / 12, rtol=1e-5, atol=1e-5)
+    # Without repeats the soft targets are the identity: CLIP's loss.
+    unique = torch.eye(6, dtype=torch.bool)
+    torch.testing.assert_close(info_nce(images, texts, torch.tensor(1 / tau), unique)[0],
+                               info_nce(images, texts, torch.tensor(1 / tau))[0])
+    with pytest.raises(ValueError, match="diagonal"):
+        info_nce(images, texts, torch.tensor(1 / tau), ~unique)
+
+
+def test_equal_sequences_ignores_padding_and_placeholders_wherever_they_are():
+    ids = torch.tensor([[0, 0, 3, 3, 7, 8], [3, 3, 7, 8, 0, 0], [0, 3, 3, 7, 8, 9], [3, 7, 3, 8, 0, 0]])
+    mask = torch.tensor([[0, 0, 0, 0, 1, 1], [0, 0, 1, 1, 0, 0], [0, 0, 0, 1, 1, 1], [0, 1, 0, 1, 0, 0]]).bool()
+    expected = torch.tensor([[1, 1, 0, 1], [1, 1, 0, 1], [0, 0, 1, 0], [1, 1, 0, 1]]).bool()
+    assert torch.equal(equal_sequences(ids, mask), expected)
+
+
+def test_alignment_treats_rows_with_equal_texts_as_positives(tiny_model, tiny_config):
+    inputs = make_inputs(tiny_config, [4, 4, 3])
+    inputs["input_ids"][1] = inputs["input_ids"][0]  # rows 0 and 1: the same caption, different images
+    out = tiny_model(**inputs, labels=inputs["input_ids"])
+    ids = inputs["input_ids"]
+    image = tiny_model.get_image_features(inputs["pixel_values"])
+    embedded, _ = tiny_model.embed_images_and_texts(inputs["pixel_values"], ids, inputs["attention_mask"])
+    words = (ids != tiny_config.image_token_id) & inputs["attention_mask"].bool()
+    texts = torch.stack([tiny_model.get_input_embeddings()(ids[r][words[r]]).mean(0) for r in range(3)])
+    positives = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]]).bool()
+    images = tiny_model.model.alignment.proj(tiny_model._alignment_input(image))
+    expected, _ = info_nce(images, texts, torch.tensor(1 / tiny_config.alignment_temperature), positives)
+    torch.testing.assert_close(out.alignment_loss, expected)
+    torch.testing.assert_close(embedded, F.normalize(images, dim=-1))
+
+
+def _adapter(config: MicroVLMConfig) -> MicroVLMVisionAdapter:
+    torch.manual_seed(4)
+    return MicroVLMForCausalLM(config).model.adapter.eval()
+
+
+def test_adapter_without_patch_positions_is_the_order_blind_pooling_it_was(tiny_config):
+    config = MicroVLMConfig.from_preset("tiny", adapter_patch_positions=False)
+    adapter = _adapter(config)
+    assert adapter.patch_position_embeddings is None
+    assert not any("patch_position" in name for name, _ in adapter.named_parameters())
+    patches = torch.randn(2, config.num_patches, config.vision_hidden_size)
+    keys = adapter.mlp(adapter.input_proj(patches))
+    pooled, _ = adapter.pool(adapter.queries.expand(2, -1, -1), keys, keys)
+    prefix, _ = adapter(patches)
+    torch.testing.assert_close(prefix, adapter.norm(pooled + adapter.position_embeddings))
+    shuffled, _ = adapter(patches[:, torch.randperm(config.num_patches)])
+    torch.testing.assert_close(shuffled, prefix)  # cross-attention pooling cannot tell where a patch was
+
+
+def test_adapter_patch_positions_are_added_to_the_keys_and_trained(tiny_config):
+    config = MicroVLMConfig.from_preset("tiny", adapter_patch_positions=True)
+    adapter = _adapter(config)
+    assert adapter.patch_position_embeddings.shape == (config.num_patches, config.text_config.hidden_size)
+    patches = torch.randn(2, config.num_patches, config.vision_hidden_size)
+    keys = adapter.mlp(adapter.input_proj(patches)) + adapter.patch_position_embeddings
+    pooled, _ = adapter.pool(adapter.queries.expand(2, -1, -1), keys, keys)
+    prefix, _ = adapter(patches)
+    torch.testing.assert_close(prefix, adapter.norm(pooled + adapter.position_embeddings))
+    shuffled, _ = adapter(patches[:, torch.randperm(config.num_patches)])
+    assert not torch.allclose(shuffled, prefix)  # now the prefix depends on where each patch is
+    prefix.square().sum().backward()
+    assert adapter.patch_position_embeddings.grad.abs().sum() > 0
