@@ -14,8 +14,8 @@ PNG plots. Every figure stands beside a baseline from the same run and its chanc
   lengths against the number of slots.
 * real photos: captions generated for the photos shipped in scikit-image, scikit-learn and matplotlib
   (`data/real_photos.py`), scored against hand-written references — a smoke test, no quality bar.
-* vision probe: linear (ridge) probes of colour, shape, count and position on the vision tower's pooled patch
-  tokens and on the adapter's flattened prefix, trained on one half of the test images, scored on the other.
+* vision probe: linear (ridge) probes of colour, shape, count and position on the vision tower's pooled output
+  (CLS, or mean of patch tokens) and on the adapter's flattened prefix, trained on one half of the test images, scored on the other.
 * analysis: sliced Epps–Pulley (LeJEPA) of projected CLS, pooled prefix and mean text embeddings beside a
   Monte-Carlo null; attention entropy and sparsity over the prefix tokens; memory slot utilisation.
 """
@@ -214,18 +214,16 @@ def embedding_analysis(model, processor, rows: list[dict], args: EvalArguments) 
 
 @torch.no_grad()
 def vision_probe(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, Any]:
-    """Linear-probe accuracy of each attribute from (a) the vision tower's patch tokens averaged (B, Dv) and (b) the
-    adapter's prefix tokens flattened (B, k·D): what the image encoder makes linearly readable, before and after
-    the adapter. `analysis.linear_probe` trains on the first half of `rows`, tests on the second."""
-    features: dict[str, list[torch.Tensor]] = {"pooled_patches": [], "prefix": []}
+    """Linear-probe accuracy of each attribute from (a) the vision tower's pooled output (B, Dv): its CLS token, or
+    the mean of its patch tokens without one, and (b) the adapter's prefix tokens flattened (B, k·D): what the
+    image encoder makes linearly readable, before and after the adapter. `analysis.linear_probe` trains on the
+    first half of `rows`, tests on the second."""
+    features: dict[str, list[torch.Tensor]] = {"pooled_vision": [], "prefix": []}
     collator = MicroVLMCollator(processor)
     for chunk in batches(rows, args.batch_size, "vision probe"):
-        pixels = collator(chunk)["pixel_values"]
-        tokens = model.model.vision_tower(pixel_values=pixels).last_hidden_state
-        if tokens.dim() == 4:  # convolutional towers: (B, C, H, W) maps
-            tokens = tokens.flatten(2).transpose(1, 2)
-        features["pooled_patches"].append(tokens[:, -model.config.num_patches :].mean(1))
-        features["prefix"].append(model.model.adapter(tokens[:, -model.config.num_patches :])[0].flatten(1))
+        image = model.model.get_image_features(collator(chunk)["pixel_values"])
+        features["pooled_vision"].append(image.cls)
+        features["prefix"].append(image.prefix.flatten(1))
     vocabularies = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNTS), "position": list(POSITIONS)}
     labels = {name: torch.tensor([vocabulary.index(r[name]) for r in rows])
               for name, vocabulary in vocabularies.items()}

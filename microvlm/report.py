@@ -146,7 +146,7 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
     lines += ["", f"Linear probes (ridge, trained on {probe['rows_train']} test images, scored on the other "
               f"{probe['rows_test']}): what the image encoder makes linearly readable.", "",
               "| features | colour | shape | count | position |", "|---|---|---|---|---|"]
-    for name, title in (("pooled_patches", "vision tower, mean of patch tokens"),
+    for name, title in (("pooled_vision", "vision tower, CLS or mean of patch tokens"),
                         ("prefix", "adapter prefix, flattened"), ("chance", "chance")):
         cells = " | ".join(_pct(probe[name][a]) for a in ("colour", "shape", "count", "position"))
         lines.append(f"| {title} | {cells} |")

@@ -39,7 +39,7 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
     assert set(saved["recall"]["by_attribute"]) <= {"colour", "shape", "count", "position"}
     assert 0 <= saved["scope"]["accuracy"] <= 1 and "memory on" in saved["qa"]
     probe = saved["analysis"]["vision_probe"]
-    for source in ("pooled_patches", "prefix", "chance"):
+    for source in ("pooled_vision", "prefix", "chance"):
         assert set(probe[source]) == {"colour", "shape", "count", "position"}
         assert all(0.0 <= value <= 1.0 for value in probe[source].values())
     assert probe["rows_train"] + probe["rows_test"] == saved["counts"]["caption"] + saved["counts"]["qa"]
