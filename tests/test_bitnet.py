@@ -156,7 +156,7 @@ def test_conversion_of_the_memory_projection_and_scope_net():
     assert convert_linear_to_bitlinear(memory, names=["projection", "scope_net"]) == 1 + 3  # W_M, ScopeNet's 3
     assert isinstance(memory.projection.proj, BitLinear)
     assert quantisation_stats(model)["bitnet/layers"] == 4
-    codes = torch.randn(3, model.config.text_config.hidden_size)
+    codes = torch.randn(3, memory.encoder.code_dim)
     assert memory.scope_net(codes).shape == (3,)
 
 
