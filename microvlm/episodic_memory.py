@@ -1,7 +1,7 @@
 """MicroVLM's episodic memory module: the memory encoder, the Larimar memory, ScopeNet and W_M, plus the memory
 written at inference.
 
-Embeddings in, per-layer key/values out: `encode` turns token embeddings into codes (key + value, see
+Embeddings in, per-layer key/values out: `encoder` turns token embeddings into codes (key + value, see
 `memory_encoder.py`), `write` stores episodes of codes, `read` turns question codes (B, C) into (key, value) pairs
 shaped like the language model's GQA cache, an attention mask for those memory columns, ScopeNet's gate and the
 KL terms; `step_loss` is the training signal that teaches a question's key to find the step it asks about.
