@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from microvlm.larimar_memory import LarimarMemory, MemoryState, pseudo_inverse
+from microvlm.larimar_memory import LarimarMemory, MemoryState, pseudo_inverse, ridge_addresses
 
 
 def make_memory(num_slots=32, code_dim=64, noise=0.01, **kwargs) -> LarimarMemory:
@@ -189,3 +189,10 @@ def test_writes_address_against_the_prior_so_a_negative_write_forgets_exactly_af
 def test_a_key_wider_than_the_code_is_refused():
     with pytest.raises(ValueError, match="key_dim"):
         LarimarMemory(8, 16, key_dim=17)
+
+
+@pytest.mark.parametrize("shape", [(3, 16, 40), (3, 40, 16)])  # K ≤ d and K > d
+def test_ridge_addresses_equal_queries_times_the_pseudo_inverse(shape):
+    torch.manual_seed(7)
+    matrix, queries = torch.randn(*shape), torch.randn(shape[0], 5, shape[2])
+    torch.testing.assert_close(ridge_addresses(matrix, queries), queries @ pseudo_inverse(matrix), rtol=1e-4, atol=1e-4)
