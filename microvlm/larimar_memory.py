@@ -46,15 +46,21 @@ class MemoryState(NamedTuple):
     cov: torch.Tensor
 
 
+def _ridge_gram_factor(matrix: torch.Tensor, ridge: float) -> tuple[bool, torch.Tensor]:
+    """Cholesky factor of the smaller Gram matrix of `matrix` (..., K, C) plus λI, λ = `ridge`·mean diagonal + 1e-6:
+    MMᵀ (K×K) when K ≤ C ("wide"), else MᵀM (C×C). Returns (wide, factor)."""
+    rows, columns = matrix.shape[-2:]
+    wide = rows <= columns
+    gram = matrix @ matrix.transpose(-1, -2) if wide else matrix.transpose(-1, -2) @ matrix
+    lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True) + 1e-6  # (..., 1)
+    gram.diagonal(dim1=-2, dim2=-1).add_(lam)  # gram + λI, in place: gram is ours
+    return wide, torch.linalg.cholesky(gram)
+
+
 def pseudo_inverse(matrix: torch.Tensor, method: str = "cholesky", steps: int = 15, ridge: float = 1e-4) -> torch.Tensor:
     """pinv of `matrix` (..., K, C) → (..., C, K) (see the module docstring for the two methods)."""
     if method == "cholesky":
-        rows, columns = matrix.shape[-2:]
-        wide = rows <= columns  # solve through the smaller Gram matrix: MMᵀ (K×K) or MᵀM (C×C)
-        gram = matrix @ matrix.transpose(-1, -2) if wide else matrix.transpose(-1, -2) @ matrix
-        lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True) + 1e-6  # (..., 1)
-        gram.diagonal(dim1=-2, dim2=-1).add_(lam)  # gram + λI, in place: gram is ours
-        factor = torch.linalg.cholesky(gram)
+        wide, factor = _ridge_gram_factor(matrix, ridge)
         if wide:  # pinv = Mᵀ (MMᵀ + λI)⁻¹ = ((MMᵀ + λI)⁻¹ M)ᵀ
             return torch.cholesky_solve(matrix, factor).transpose(-1, -2)
         return torch.cholesky_solve(matrix.transpose(-1, -2), factor)  # pinv = (MᵀM + λI)⁻¹ Mᵀ
@@ -70,12 +76,7 @@ def pseudo_inverse(matrix: torch.Tensor, method: str = "cholesky", steps: int = 
 def ridge_addresses(matrix: torch.Tensor, queries: torch.Tensor, ridge: float = 1e-4) -> torch.Tensor:
     """queries · pinv(matrix) by the "cholesky" method without forming pinv: matrix (B, K, d), queries (B, E, d)
     → (B, E, K). One solve with E right-hand sides instead of K (or d): the same numbers, a fraction of the work."""
-    rows, columns = matrix.shape[-2:]
-    wide = rows <= columns
-    gram = matrix @ matrix.transpose(-1, -2) if wide else matrix.transpose(-1, -2) @ matrix
-    lam = ridge * gram.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True) + 1e-6  # (B, 1)
-    gram.diagonal(dim1=-2, dim2=-1).add_(lam)
-    factor = torch.linalg.cholesky(gram)
+    wide, factor = _ridge_gram_factor(matrix, ridge)
     if wide:  # w = q Mᵀ (MMᵀ + λI)⁻¹
         return torch.cholesky_solve(matrix @ queries.transpose(-1, -2), factor).transpose(-1, -2)
     return (matrix @ torch.cholesky_solve(queries.transpose(-1, -2), factor)).transpose(-1, -2)  # q (MᵀM + λI)⁻¹ Mᵀ
