@@ -78,9 +78,15 @@ def generate(model, processor, rows: list[dict], args: EvalArguments, descriptio
             batch["pixel_values"] = pixels(batch["pixel_values"])
         if episodes is not None:
             batch = episodes(batch)
-        tokens = model.generate(**batch, **generate_kwargs, max_new_tokens=args.max_new_tokens, do_sample=False)
-        outputs += processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
-    return [text.strip() for text in outputs]
+        outputs += greedy_answers(model, processor, batch, args, **generate_kwargs)
+    return outputs
+
+
+def greedy_answers(model, processor, batch: dict, args: EvalArguments, **generate_kwargs) -> list[str]:
+    """Greedy continuations of a prompts-only `batch`: the new tokens only, decoded and stripped."""
+    tokens = model.generate(**batch, **generate_kwargs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    return [text.strip() for text in processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :],
+                                                            skip_special_tokens=True)]
 
 
 def blank(pixels: torch.Tensor) -> torch.Tensor:
@@ -148,8 +154,8 @@ def recall_after_memory_edits(model, processor, rows: list[dict], args: EvalArgu
     edited_rows = [edited_recall_sample(row, index, args.seed) for index, row in enumerate(rows)]
     outputs: dict[str, list[str]] = {"after forgetting the asked image": [], "after editing": [],
                                      "after another episode is written on top": []}
-    for start in tqdm(range(0, len(rows), args.batch_size), desc="recall after memory edits", leave=False):
-        batch, edited = collator(rows[start : start + args.batch_size]), collator(edited_rows[start : start + args.batch_size])
+    for chunk in batches(list(zip(rows, edited_rows)), args.batch_size, "recall after memory edits"):
+        batch, edited = collator([row for row, _ in chunk]), collator([row for _, row in chunk])
         episode = [batch[k] for k in ("episode_input_ids", "episode_attention_mask", "episode_pixel_values")]
         replacement = [edited[k] for k in ("episode_input_ids", "episode_attention_mask", "episode_pixel_values")]
         steps = batch["episode_mask"]
@@ -160,11 +166,9 @@ def recall_after_memory_edits(model, processor, rows: list[dict], args: EvalArgu
                   "after editing": model.write_episodes(*replacement, asked, memory_state=forgotten),
                   "after another episode is written on top": model.write_episodes(
                       *(t.roll(1, dims=0) for t in episode), steps.roll(1, dims=0), memory_state=state)}
+        prompts = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         for name, memory_state in states.items():
-            tokens = model.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_memory=True,
-                                    memory_state=memory_state, max_new_tokens=args.max_new_tokens, do_sample=False)
-            outputs[name] += [t.strip() for t in processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :],
-                                                                         skip_special_tokens=True)]
+            outputs[name] += greedy_answers(model, processor, prompts, args, use_memory=True, memory_state=memory_state)
     outputs["edited answers"] = [row["answer"] for row in edited_rows]
     return outputs
 
