@@ -14,7 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
-from microvlm.train import freeze_for_stage
+from microvlm.train.cli import freeze_for_stage
 
 
 def step_seconds(model, inputs: dict, repeats: int) -> float:

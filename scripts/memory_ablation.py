@@ -17,9 +17,9 @@ import logging
 import torch
 from transformers import AutoModelForCausalLM, AutoProcessor
 
-from microvlm import eval as evaluation
+from microvlm.eval import cli as evaluation
 from microvlm.data.collator import MicroVLMCollator
-from microvlm.train import main as train
+from microvlm.train.cli import main as train
 
 
 def recall_figures(model_dir: str, num_test: int, seed: int) -> dict:

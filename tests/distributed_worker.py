@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from microvlm.train import build_trainer
+from microvlm.train.cli import build_trainer
 
 output, *extra = sys.argv[1:]
 trainer = build_trainer("stage1", ["--recipe", "demo", "--max_steps", "3", "--eval_strategy", "no", "--save_strategy", "no",

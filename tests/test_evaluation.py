@@ -21,8 +21,8 @@ def saved_model(tmp_path_factory):
 
 
 def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
-    from microvlm.eval import main as evaluate_main
-    from microvlm.hub_upload import main as upload_main
+    from microvlm.eval.cli import main as evaluate_main
+    from microvlm.hub_upload.upload import main as upload_main
 
     results = evaluate_main(["--model_dir", str(saved_model), "--output_dir", str(tmp_path / "eval"), "--num_test", "48",
                              "--num_retrieval", "12", "--capacity_samples", "6", "--capacity_episode_sizes", "2,4",

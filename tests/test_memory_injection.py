@@ -275,7 +275,7 @@ def test_a_key_narrower_than_the_slots_is_refused_with_the_fix():
 def test_the_checkpoint_callback_saves_a_written_memory_only(memory_model, tmp_path):
     from types import SimpleNamespace
 
-    from microvlm.callbacks import MemoryCheckpointCallback
+    from microvlm.train.callbacks import MemoryCheckpointCallback
 
     args, state = SimpleNamespace(output_dir=str(tmp_path)), SimpleNamespace(global_step=3, is_world_process_zero=True)
     (tmp_path / "checkpoint-3").mkdir()

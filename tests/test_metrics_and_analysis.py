@@ -10,13 +10,13 @@ import pytest
 import sacrebleu
 import torch
 
-from microvlm.analysis import (attention_stats, epps_pulley, epps_pulley_null, epps_pulley_slices, gaussianity_report,
+from microvlm.eval.analysis import (attention_stats, epps_pulley, epps_pulley_null, epps_pulley_slices, gaussianity_report,
                                linear_probe, recall_from_similarity, retrieval_recall, sliced_epps_pulley,
                                slot_utilisation, unit_directions)
-from microvlm.metrics import available_metrics, caption_metrics, load_metric, meteor_available, metric_path
-from microvlm.metrics.cider_d.cider_d import cider_d_scores
-from microvlm.metrics.exact_match.exact_match import normalise
-from microvlm.metrics.rouge_l.rouge_l import lcs_length
+from microvlm.eval.metrics import available_metrics, caption_metrics, load_metric, meteor_available, metric_path
+from microvlm.eval.metrics.cider_d.cider_d import cider_d_scores
+from microvlm.eval.metrics.exact_match.exact_match import normalise
+from microvlm.eval.metrics.rouge_l.rouge_l import lcs_length
 
 PREDICTIONS = ["two red circles on the left", "one blue star at the top", "three green squares"]
 REFERENCES = [["two red circles on the left", "a pair of red circles at the left"], ["one blue square at the top"],

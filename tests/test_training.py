@@ -11,7 +11,7 @@ import torch
 from transformers import TrainerCallback
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
-from microvlm.train import build_trainer, freeze_for_stage, main, read_config
+from microvlm.train.cli import build_trainer, freeze_for_stage, main, read_config
 
 from .test_remote_code import run_isolated
 
@@ -166,7 +166,7 @@ def test_two_cpu_processes_stay_in_sync(tmp_path):
 
 
 def test_4bit_falls_back_to_full_precision_with_one_warning_on_unsupported_devices(caplog):
-    from microvlm.quantization import nf4_quantization_config
+    from microvlm.train.quantization import nf4_quantization_config
 
     with caplog.at_level("WARNING"):
         assert nf4_quantization_config("meta") is None

@@ -34,9 +34,9 @@ from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 
 from .analysis import (attention_stats, epps_pulley_null, linear_probe, recall_from_similarity, slot_utilisation,
                        sliced_epps_pulley)
-from .data.collator import MicroVLMCollator
-from .data.real_photos import load_real_photos
-from .data.synthetic_shapes import (COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset,
+from ..data.collator import MicroVLMCollator
+from ..data.real_photos import load_real_photos
+from ..data.synthetic_shapes import (COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset,
                                     edited_recall_sample, parse_attributes)
 from .metrics import caption_metrics, load_metric
 from .visualisation import eager_language_attention
@@ -378,7 +378,3 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     write_report(output / "report.md", results, plots)
     logger.info("report: %s", output / "report.md")
     return results
-
-
-if __name__ == "__main__":
-    main()

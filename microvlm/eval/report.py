@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
-from .data.collator import MicroVLMCollator  # noqa: E402
+from ..data.collator import MicroVLMCollator  # noqa: E402
 from .visualisation import memory_addressing  # noqa: E402
 
 

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .configuration_microvlm import MicroVLMConfig
+from ..configuration_microvlm import MicroVLMConfig
 
 logger = logging.getLogger("microvlm.hub_upload")
 
@@ -199,7 +199,3 @@ def main(argv: list[str] | None = None) -> Path:
     if not args.dry_run:
         logger.info("uploaded to %s (%s): %s", args.repo_id, "public" if args.public else "private", upload(folder, args.repo_id, not args.public))
     return folder
-
-
-if __name__ == "__main__":
-    main()

@@ -100,7 +100,7 @@ class VisualisationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.every_n_steps or not state.is_world_process_zero:
             return
-        from .visualisation import figures_for
+        from ..eval.visualisation import figures_for
 
         import matplotlib.pyplot as plt
 

@@ -17,16 +17,16 @@ import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from .callbacks import GradientFlowCallback, MemoryCheckpointCallback, VisualisationCallback, group_of
-from .configuration_microvlm import MicroVLMConfig
-from .data.collator import MicroVLMCollator
-from .modeling_microvlm import MicroVLMForCausalLM
-from .processing_microvlm import MicroVLMProcessor
+from ..configuration_microvlm import MicroVLMConfig
+from ..data.collator import MicroVLMCollator
+from ..modeling_microvlm import MicroVLMForCausalLM
+from ..processing_microvlm import MicroVLMProcessor
 from .quantization import add_qlora, nf4_quantization_config
 from .trainer import MicroVLMTrainer
 
 logger = logging.getLogger("microvlm.train")
 
-CONFIGS_DIR = Path(__file__).parent / "configs"
+CONFIGS_DIR = Path(__file__).parent.parent / "configs"
 STAGES = ("stage1", "stage2")
 
 
@@ -151,7 +151,7 @@ def build_processor(model_args: ModelArguments) -> MicroVLMProcessor:
 def build_datasets(data_args: DataArguments, image_size: int, seed: int):
     kinds = tuple(kind.strip() for kind in data_args.sample_kinds.split(",") if kind.strip())
     if data_args.dataset == "synthetic":
-        from .data.synthetic_shapes import build_synthetic_dataset
+        from ..data.synthetic_shapes import build_synthetic_dataset
 
         splits = build_synthetic_dataset(
             num_train=data_args.num_train,
@@ -164,7 +164,7 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
             kinds=kinds,
         )
         return splits["train"], splits["validation"]
-    from .data.sources import SkipBadSamples, load_image_text_dataset
+    from ..data.sources import SkipBadSamples, load_image_text_dataset
 
     train = load_image_text_dataset(data_args.dataset, split="train", image_column=data_args.image_column, text_column=data_args.text_column)
     return SkipBadSamples(train), None
@@ -235,7 +235,3 @@ def main(argv: list[str] | None = None) -> list[str]:
     first = run_stage("stage1", [*argv, "--output_dir", str(root / "stage1")], run_args.recipe)
     second = run_stage("stage2", [*argv, "--output_dir", str(root / "stage2")], run_args.recipe, init_from=first)
     return [first, second]
-
-
-if __name__ == "__main__":
-    main()

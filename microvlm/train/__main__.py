@@ -1,0 +1,5 @@
+"""`python -m microvlm.train ...`: see `microvlm/train/cli.py`."""
+
+from .cli import main
+
+main()
