@@ -17,6 +17,17 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * weights).sum(1) / weights.sum(1).clamp(min=1.0)
 
 
+def text_token_mask(
+    input_ids: torch.Tensor, image_token_id: int, attention_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """(B, T) bool: true at text tokens, i.e. neither an image placeholder (`image_token_id`) nor padding (0 in
+    `attention_mask`, whose last T columns count when it also covers past tokens; None: no padding)."""
+    text = input_ids != image_token_id
+    if attention_mask is not None:
+        text = text & attention_mask[:, -input_ids.shape[1] :].bool()
+    return text
+
+
 def equal_sequences(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(B, B) bool: rows i and j hold the same token sequence, where `ids` (B, T) counts only where `mask` (B, T)
     is true (padding and image placeholders may sit anywhere and in any number)."""
@@ -63,10 +74,17 @@ class MicroVLMAlignmentHead(nn.Module):
             torch.tensor(self.initial_log_logit_scale), requires_grad=config.alignment_learnable_temperature
         )
 
+    def embed(
+        self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The two sides the head compares, not normalised: image_embeds (B_img, alignment_input_size) projected
+        → (B_img, D), text_embeds (B, T, D) mean-pooled over `text_mask` (B, T) → (B, D)."""
+        return self.proj(image_embeds), masked_mean(text_embeds, text_mask)
+
     def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
                 positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embeds (B, alignment_input_size), text_embeds (B, T, D), text_mask (B, T), positives (B, B) bool
         or None (see `info_nce`) → (InfoNCE loss, logits (B, B))."""
         # exp(log) keeps a learnable temperature positive; clamp like CLIP so it cannot blow up.
         scale = self.log_logit_scale.exp().clamp(max=100.0)
-        return info_nce(self.proj(image_embeds), masked_mean(text_embeds, text_mask), scale, positives)
+        return info_nce(*self.embed(image_embeds, text_embeds, text_mask), scale, positives)

@@ -80,6 +80,10 @@ class MicroVLMEpisodicMemory(nn.Module):
         state = self.larimar.prior(codes.shape[1]) if state is None else self._broadcast(state, codes.shape[1])
         return self.larimar.write(codes, state, weight=weight)
 
+    def address(self, codes: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        """Addressing weights (E, B, K) with which codes (E, B, C) read `state` (one memory per batch row)."""
+        return self.larimar.address(codes, self._broadcast(state, codes.shape[1]))
+
     def step_loss(self, questions: torch.Tensor, steps: torch.Tensor, step_mask: torch.Tensor,
                   target: torch.Tensor) -> torch.Tensor | None:
         r"""Addressing loss: cross-entropy over each episode's steps of cos(question key, step key)/τ, τ = 0.1.

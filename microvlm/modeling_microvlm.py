@@ -18,7 +18,7 @@ from transformers.cache_utils import Cache
 from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import ModelOutput
 
-from .alignment import MicroVLMAlignmentHead, equal_sequences, masked_mean
+from .alignment import MicroVLMAlignmentHead, equal_sequences, text_token_mask
 from .configuration_microvlm import MicroVLMConfig
 from .episodic_memory import MemoryRead, MicroVLMEpisodicMemory
 from .larimar_memory import LarimarMemory, MemoryState
@@ -489,9 +489,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
                 "MicroVLM alignment pairs one image with one text: a row holds several images. "
                 "Set alignment_loss_weight=0 to train multi-image inputs."
             )
-        words = input_ids != self.config.image_token_id
-        if text_mask is not None:
-            words = words & text_mask[:, -input_ids.shape[1] :].bool()
+        words = text_token_mask(input_ids, self.config.image_token_id, text_mask)
         ids, words = input_ids[with_image], words[with_image]
         # Many rows share a caption (or a question and its answer): equal texts are all positives of an image.
         positives = equal_sequences(ids, words)
@@ -510,9 +508,10 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         `config.alignment_image_source`), texts (B, D) from mean-pooled text-token embeddings (placeholders and
         padding excluded)."""
         image = self.model.get_image_features(pixel_values)
-        text_mask = (input_ids != self.config.image_token_id) & attention_mask.bool()
-        texts = masked_mean(self.get_input_embeddings()(input_ids), text_mask)
-        images = self.model.alignment.proj(self._alignment_input(image))
+        text_mask = text_token_mask(input_ids, self.config.image_token_id, attention_mask)
+        images, texts = self.model.alignment.embed(
+            self._alignment_input(image), self.get_input_embeddings()(input_ids), text_mask
+        )
         return nn.functional.normalize(images.float(), dim=-1), nn.functional.normalize(texts.float(), dim=-1)
 
     # ------------------------------------------------------------------ episodic memory at inference
@@ -574,6 +573,23 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         return self.model.memory.write(codes, weight * steps, memory_state)
 
     @torch.no_grad()
+    def forget_episodes(
+        self,
+        episode_input_ids: torch.LongTensor,
+        episode_attention_mask: torch.Tensor,
+        episode_pixel_values: torch.FloatTensor | None = None,
+        episode_mask: torch.Tensor | None = None,
+        *,
+        memory_state: MemoryState,
+    ) -> MemoryState:
+        """Remove from `memory_state` the steps (inputs as `write_episodes`) that a `write_episodes` of the same
+        inputs added: an exact undo, whatever was written in between, since every write addresses against the
+        prior (Larimar's selective forgetting). The same as `write_episodes(..., weight=-1, memory_state=...)`."""
+        return self.write_episodes(
+            episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask, -1.0, memory_state
+        )
+
+    @torch.no_grad()
     def memory_addresses(
         self,
         episode_input_ids: torch.LongTensor,
@@ -585,7 +601,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         the memory its episode wrote: step i of an episode should find the slots it was written at."""
         codes, steps = self.model.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
         state = self.model.memory.write(codes, steps)
-        return self.model.memory.larimar.address(codes, state)
+        return self.model.memory.address(codes, state)
 
     def save_memory(self, save_directory: str | os.PathLike) -> None:
         """Save the written memory beside the weights (`memory_state.safetensors`); `save_pretrained` does not."""

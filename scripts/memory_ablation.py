@@ -1,5 +1,5 @@
 """One row of the README's "What was tried" table for the memory: stage 2 from a stage-1 folder, then a quick recall
-evaluation with `microvlm.eval`'s own functions.
+evaluation with `microvlm.eval`'s own conditions (`microvlm/eval/cli.py`).
 
     python scripts/memory_ablation.py --stage1 runs/s1 --output_dir runs/ablation -- --learning_rate 1e-3 \
         --episode_size 8 --min_episode_size 2
@@ -15,43 +15,37 @@ import json
 import logging
 
 import torch
-from transformers import AutoModelForCausalLM, AutoProcessor
 
-from microvlm.eval import cli as evaluation
 from microvlm.data.collator import MicroVLMCollator
+from microvlm.eval import cli as evaluation
 from microvlm.train.cli import main as train
 
 
 def recall_figures(model_dir: str, num_test: int, seed: int) -> dict:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(model_dir, trust_remote_code=True)
-    args = evaluation.EvalArguments(model_dir=model_dir, num_test=num_test, batch_size=40, seed=seed)
-    size = model.config.vision_config.image_size
-    rows = list(evaluation.build_synthetic_dataset(0, 0, num_test, image_size=size, episode_size=4, seed=seed)["test"])
-    recalls = [row for row in rows if row["kind"] == "recall"]
-    answers = [row["answer"] for row in recalls]
-    with_memory = evaluation.generate(model, processor, recalls, args, "memory", with_episodes=True)
-    edits = evaluation.recall_after_memory_edits(model, processor, recalls, args)
-    first = MicroVLMCollator(processor, with_episodes=True)(recalls[:1])
-    written = model.write_episodes(first["episode_input_ids"], first["episode_attention_mask"],
-                                   first["episode_pixel_values"], first["episode_mask"])
-    long = list(evaluation.build_synthetic_dataset(0, 0, 60, image_size=size, episode_size=8, seed=seed + 8,
-                                                   kinds=("recall",))["test"])
-    match = evaluation.exact_match
+    args = evaluation.EvalArguments(model_dir=model_dir, num_test=num_test, batch_size=40, seed=seed, episode_size=4)
+    ctx = evaluation.load_context(args)
+    row_sets = evaluation.test_rows(ctx)
+    recalls = row_sets["recalls"]
+    first = MicroVLMCollator(ctx.processor, with_episodes=True)(recalls[:1])
+    ctx.written = ctx.model.write_episodes(**evaluation.episodes(first))
+    conditions = {c.name: c for c in evaluation.CONDITIONS if c.section == "recall"}
+    predictions = {name: evaluation.answers(ctx, conditions[name], row_sets[conditions[name].rows])
+                   for name in ("memory", "no memory", "another episode's memory", "after forgetting the asked image",
+                                "after editing")}
+    long = list(evaluation.build_synthetic_dataset(0, 0, 60, image_size=ctx.model.config.vision_config.image_size,
+                                                   episode_size=8, seed=seed + 8, kinds=("recall",))["test"])
+    match, answers = evaluation.exact_match, [row["answer"] for row in recalls]
+    edited_answers = [row["edited answer"] for row in row_sets["recall edits"]]
     return {
-        "memory": match(with_memory, answers),
-        "memory off": match(evaluation.generate(model, processor, recalls, args, "off", use_memory=False), answers),
-        "another episode": match(evaluation.generate(model, processor, recalls, args, "other", with_episodes=True,
-                                                     episodes=evaluation.other_episode), answers),
-        "forgotten": match(edits["after forgetting the asked image"], answers),
-        "edited, new answer": match(edits["after editing"], edits["edited answers"]),
-        "edited, old answer": match(edits["after editing"], answers),
-        "by attribute": {name: match([p for p, r in zip(with_memory, recalls) if r["asked"] == name],
-                                     [r["answer"] for r in recalls if r["asked"] == name])
-                         for name in evaluation.ATTRIBUTES},
-        "scope": evaluation.scope_decisions(model, processor, rows, args, written),
-        "8-image episodes": match(evaluation.generate(model, processor, long, args, "8 images", with_episodes=True),
-                                  [row["answer"] for row in long]),
+        "memory": match(predictions["memory"], answers),
+        "memory off": match(predictions["no memory"], answers),
+        "another episode": match(predictions["another episode's memory"], answers),
+        "forgotten": match(predictions["after forgetting the asked image"], answers),
+        "edited, new answer": match(predictions["after editing"], edited_answers),
+        "edited, old answer": match(predictions["after editing"], answers),
+        "by attribute": evaluation.exact_match_by(predictions["memory"], recalls, "asked", evaluation.ATTRIBUTES),
+        "scope": evaluation.scope_decisions(ctx, row_sets["all"]),
+        "8-image episodes": match(evaluation.answers(ctx, conditions["memory"], long), [row["answer"] for row in long]),
     }
 
 

@@ -15,16 +15,19 @@ PNG plots. Every figure stands beside a baseline from the same run and its chanc
 * real photos: captions generated for the photos shipped in scikit-image, scikit-learn and matplotlib
   (`data/real_photos.py`), scored against hand-written references — a smoke test, no quality bar.
 * vision probe: linear (ridge) probes of colour, shape, count and position on the vision tower's pooled output
-  (CLS, or mean of patch tokens) and on the adapter's flattened prefix, trained on one half of the test images, scored on the other.
+  (CLS, or mean of patch tokens) and on the adapter's flattened prefix, trained on one half of the test images,
+  scored on the other.
 * analysis: sliced Epps–Pulley (LeJEPA) of projected CLS, pooled prefix and mean text embeddings beside a
   Monte-Carlo null; attention entropy and sparsity over the prefix tokens; memory slot utilisation.
+
+Every generated answer comes from one loop (`answers`) over one table (`CONDITIONS`): a condition is a row set,
+an input transform and a memory set-up.
 """
 
-import json
 import logging
 import math
-import sys
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,27 +35,40 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 
-from .analysis import (attention_stats, epps_pulley_null, linear_probe, recall_from_similarity, slot_utilisation,
-                       sliced_epps_pulley)
+from ..alignment import text_token_mask
 from ..data.collator import MicroVLMCollator
 from ..data.real_photos import load_real_photos
-from ..data.synthetic_shapes import (COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset,
-                                    edited_recall_sample, parse_attributes)
+from ..data.synthetic_shapes import (
+    COLOURS,
+    COUNTS,
+    POSITIONS,
+    QUESTIONS,
+    SHAPES,
+    build_synthetic_dataset,
+    edited_recall_sample,
+    parse_attributes,
+)
+from .analysis import attention_stats, epps_pulley_null, linear_probe, recall_from_similarity, sliced_epps_pulley
+from .analysis import slot_utilisation
 from .metrics import caption_metrics, load_metric
+from .results import EvalResults, HeadlineFigure
 from .visualisation import eager_language_attention
 
 logger = logging.getLogger("microvlm.eval")
 ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES), "count": len(COUNTS), "position": len(POSITIONS)}
+EPISODE_KEYS = ("episode_input_ids", "episode_attention_mask", "episode_pixel_values", "episode_mask")
 
 
 @dataclass
 class EvalArguments:
     model_dir: str = field(metadata={"help": "a saved MicroVLM folder (weights, config, processor, remote code)"})
-    output_dir: str | None = field(default=None, metadata={"help": "where to write the report (default: <model_dir>/eval)"})
+    output_dir: str | None = field(default=None, metadata={"help": "where to write the report (<model_dir>/eval)"})
     num_test: int = 600
     num_retrieval: int = 100
-    episode_size: int = 4
-    capacity_episode_sizes: str = "2,4,8,16"
+    episode_size: int | None = field(
+        default=None, metadata={"help": "images per recall episode (default: the model's memory_episode_size)"}
+    )
+    capacity_episode_sizes: list[int] = field(default_factory=lambda: [2, 4, 8, 16])
     capacity_samples: int = 60
     batch_size: int = 32
     max_new_tokens: int = 12
@@ -60,33 +76,94 @@ class EvalArguments:
     num_slices: int = 256
 
 
-def batches(rows: list[dict], size: int, description: str):
-    for start in tqdm(range(0, len(rows), size), desc=description, leave=False):
-        yield rows[start : start + size]
+@dataclass
+class EvalContext:
+    """What every condition's generation shares: the model, its processor, the arguments, and two memories: the
+    first recall episode written (`written`, for rows that should not read it) and the empty one (the prior)."""
+
+    model: Any
+    processor: Any
+    args: EvalArguments
+    written: Any = None
+    empty: Any = None
 
 
-@torch.no_grad()
-def generate(model, processor, rows: list[dict], args: EvalArguments, description: str, with_episodes: bool = False,
-             pixels=None, episodes=None, **generate_kwargs) -> list[str]:
-    """Greedy answers for `rows`. `pixels(batch)` / `episodes(batch)` may alter the inputs (baselines)."""
-    collator = MicroVLMCollator(processor, with_episodes=with_episodes, prompts_only=True)
-    outputs = []
-    for chunk in batches(rows, args.batch_size, description):
-        batch = collator(chunk)
-        batch.pop("labels"), batch.pop("scope_labels"), batch.pop("memory_target_step", None)
-        if pixels is not None and "pixel_values" in batch:
-            batch["pixel_values"] = pixels(batch["pixel_values"])
-        if episodes is not None:
-            batch = episodes(batch)
-        outputs += greedy_answers(model, processor, batch, args, **generate_kwargs)
-    return outputs
+# ---------------------------------------------------------------------------------------------- conditions
+
+Inputs = dict[str, torch.Tensor]
 
 
-def greedy_answers(model, processor, batch: dict, args: EvalArguments, **generate_kwargs) -> list[str]:
-    """Greedy continuations of a prompts-only `batch`: the new tokens only, decoded and stripped."""
-    tokens = model.generate(**batch, **generate_kwargs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    return [text.strip() for text in processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :],
-                                                            skip_special_tokens=True)]
+def prompts(batch: Inputs) -> Inputs:
+    """The prompt inputs of a prompts-only batch: ids, mask and images; no episodes, labels or targets."""
+    return {key: value for key, value in batch.items() if key in ("input_ids", "attention_mask", "pixel_values")}
+
+
+def episodes(batch: Inputs) -> Inputs:
+    """The batch's episodes (B, E, ...), as `forward`, `generate` and `write_episodes` take them."""
+    return {key: batch[key] for key in EPISODE_KEYS}
+
+
+def rolled(episode: Inputs) -> Inputs:
+    """Each row's episode replaced by the next row's."""
+    return {key: value.roll(1, dims=0) for key, value in episode.items()}
+
+
+def asked_step(batch: Inputs) -> torch.Tensor:
+    """(B, E) episode mask of the asked step alone."""
+    steps = batch["episode_mask"]
+    return torch.nn.functional.one_hot(batch["memory_target_step"], steps.shape[1]).to(steps.dtype) * steps
+
+
+# A memory set-up turns a collated batch (and its rows) into the keyword arguments of `generate`.
+MemorySetup = Callable[[EvalContext, Inputs, list[dict]], dict[str, Any]]
+
+
+def memory_off(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
+    return {**prompts(batch), "use_memory": False}
+
+
+def written_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
+    """The first recall episode's memory, read by rows it does not concern (ScopeNet should keep them out)."""
+    return {**prompts(batch), "use_memory": True, "memory_state": ctx.written}
+
+
+def empty_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
+    return {**prompts(batch), "use_memory": True, "memory_state": ctx.empty}
+
+
+def own_episode(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
+    """Each row reads the memory its own episode wrote (inside `forward`)."""
+    return {**prompts(batch), **episodes(batch)}
+
+
+def other_episode(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
+    """Control: each row reads the memory written from the next row's episode."""
+    return {**prompts(batch), **rolled(episodes(batch))}
+
+
+def forgotten_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
+    """The row's episode written, then its asked step forgotten (`forget_episodes`: an exact undo)."""
+    written = ctx.model.write_episodes(**episodes(batch))
+    asked = {**episodes(batch), "episode_mask": asked_step(batch)}
+    forgotten = ctx.model.forget_episodes(**asked, memory_state=written)
+    return {**prompts(batch), "use_memory": True, "memory_state": forgotten}
+
+
+def edited_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
+    """The asked step forgotten, then a different image (the row's `edited` sample, differing in the asked
+    attribute) written in its place."""
+    forgotten = forgotten_memory(ctx, batch, rows)["memory_state"]
+    edited = MicroVLMCollator(ctx.processor, with_episodes=True, prompts_only=True)([row["edited"] for row in rows])
+    replacement = {**episodes(edited), "episode_mask": asked_step(batch)}
+    return {**prompts(batch), "use_memory": True,
+            "memory_state": ctx.model.write_episodes(**replacement, memory_state=forgotten)}
+
+
+def overwritten_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
+    """The row's episode written, then the next row's episode written on top of it."""
+    written = ctx.model.write_episodes(**episodes(batch))
+    return {**prompts(batch), "use_memory": True,
+            "memory_state": ctx.model.write_episodes(**rolled(episodes(batch)), memory_state=written)}
 
 
 def blank(pixels: torch.Tensor) -> torch.Tensor:
@@ -97,10 +174,91 @@ def shuffled(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.roll(1, dims=0)
 
 
+@dataclass(frozen=True)
+class Condition:
+    """One evaluated condition: greedy answers for the row set `rows`, the images passed through `pixels`, the
+    memory set up by `memory`. `scored` maps each result key to the row field holding its reference answer."""
+
+    section: str
+    name: str
+    rows: str
+    memory: MemorySetup = memory_off
+    pixels: Callable[[torch.Tensor], torch.Tensor] | None = None
+    scored: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def with_episodes(self) -> bool:
+        return self.memory in (own_episode, other_episode, forgotten_memory, edited_memory, overwritten_memory)
+
+    @property
+    def scores(self) -> tuple[tuple[str, str], ...]:
+        return self.scored or ((self.name, "answer"),)
+
+
+# Every generated answer of the evaluation, in the order of eval_results.json.
+CONDITIONS = (
+    Condition("captions", "model", "captions"),
+    Condition("captions", "blank images", "captions", pixels=blank),
+    Condition("captions", "shuffled images", "captions", pixels=shuffled),
+    Condition("captions", "memory on", "captions", memory=written_memory),
+    Condition("qa", "model", "questions"),
+    Condition("qa", "memory on", "questions", memory=written_memory),
+    Condition("qa", "blank images", "questions", pixels=blank),
+    Condition("recall", "memory", "recalls", memory=own_episode),
+    Condition("recall", "no memory", "recalls"),
+    Condition("recall", "empty memory", "recalls", memory=empty_memory),
+    Condition("recall", "another episode's memory", "recalls", memory=other_episode),
+    Condition("recall", "after forgetting the asked image", "recalls", memory=forgotten_memory),
+    Condition("recall", "after editing", "recall edits", memory=edited_memory,
+              scored=(("after editing: the new image's answer", "edited answer"),
+                      ("after editing: the old image's answer", "answer"))),
+    Condition("recall", "after another episode is written on top", "recalls", memory=overwritten_memory),
+    Condition("recall", "asked image in context (upper bound)", "asked images"),
+)
+
+
+def batches(rows: list[dict], size: int, description: str):
+    for start in tqdm(range(0, len(rows), size), desc=description, leave=False):
+        yield rows[start : start + size]
+
+
+@torch.no_grad()
+def answers(ctx: EvalContext, condition: Condition, rows: list[dict]) -> list[str]:
+    """Greedy answers (new tokens only, decoded and stripped) to `rows` under `condition`."""
+    collator = MicroVLMCollator(ctx.processor, with_episodes=condition.with_episodes, prompts_only=True)
+    outputs = []
+    for chunk in batches(rows, ctx.args.batch_size, f"{condition.section}, {condition.name}"):
+        batch = collator(chunk)
+        if condition.pixels is not None and "pixel_values" in batch:
+            batch["pixel_values"] = condition.pixels(batch["pixel_values"])
+        inputs = condition.memory(ctx, batch, chunk)
+        tokens = ctx.model.generate(**inputs, max_new_tokens=ctx.args.max_new_tokens, do_sample=False)
+        new_tokens = tokens[:, inputs["input_ids"].shape[1] :]
+        outputs += [text.strip() for text in ctx.processor.batch_decode(new_tokens, skip_special_tokens=True)]
+    return outputs
+
+
+def asked_image_question(row: dict) -> dict:
+    """The recall question turned into a question about the asked image, with that image in the input: what
+    perception alone allows, an upper bound for recall through memory."""
+    image = row["episode_images"][row["target_index"]]
+    return {"kind": "qa", "image": image, "text": QUESTIONS[row["asked"]], "answer": row["answer"]}
+
+
+def with_edit(row: dict, index: int, seed: int) -> dict:
+    """A recall row carrying its edited episode (`edited_recall_sample`) and that episode's answer."""
+    edited = edited_recall_sample(row, index, seed)
+    return {**row, "edited": edited, "edited answer": edited["answer"]}
+
+
+# ---------------------------------------------------------------------------------------------- scores
+
+
 def attribute_accuracy(predictions: list[str], rows: list[dict]) -> dict[str, float]:
     parsed = [parse_attributes(p) for p in predictions]
-    result = {name: sum(p[name] == r[name] for p, r in zip(parsed, rows)) / max(len(rows), 1) for name in ATTRIBUTES}
-    result["all"] = sum(all(p[n] == r[n] for n in ATTRIBUTES) for p, r in zip(parsed, rows)) / max(len(rows), 1)
+    count = max(len(rows), 1)
+    result = {name: sum(p[name] == r[name] for p, r in zip(parsed, rows)) / count for name in ATTRIBUTES}
+    result["all"] = sum(all(p[n] == r[n] for n in ATTRIBUTES) for p, r in zip(parsed, rows)) / count
     result["mean"] = sum(result[name] for name in ATTRIBUTES) / len(ATTRIBUTES)
     return result
 
@@ -109,97 +267,89 @@ def exact_match(predictions: list[str], references: list[str]) -> float:
     return load_metric("exact_match").compute(predictions=predictions, references=references)["exact_match"]
 
 
+def chance_of_answers(rows: list[dict]) -> float:
+    """Exact match of uniform guesses over the asked attribute's values."""
+    return sum(1 / ATTRIBUTES[r["asked"]] for r in rows) / max(len(rows), 1)
+
+
+def caption_scores(predictions: list[str], captions: list[dict]) -> dict[str, Any]:
+    references = [[r["text"]] for r in captions]
+    seen = [i for i, r in enumerate(captions) if not r["held_out"]]
+    held_out = [i for i, r in enumerate(captions) if r["held_out"]]
+    return {**caption_metrics(predictions, references), "attributes": attribute_accuracy(predictions, captions),
+            "attributes_seen_pairs": attribute_accuracy([predictions[i] for i in seen], [captions[i] for i in seen]),
+            "attributes_held_out_pairs": attribute_accuracy([predictions[i] for i in held_out],
+                                                            [captions[i] for i in held_out])}
+
+
+def exact_match_by(predictions: list[str], rows: list[dict], key: str, values) -> dict[Any, float]:
+    """Exact match over the rows whose `key` equals each of `values` (values no row has are left out)."""
+    return {value: exact_match([p for p, r in zip(predictions, rows) if r[key] == value],
+                                    [r["answer"] for r in rows if r[key] == value])
+            for value in values if any(r[key] == value for r in rows)}
+
+
 @torch.no_grad()
-def perplexity(model, processor, rows: list[dict], args: EvalArguments) -> float:
-    collator = MicroVLMCollator(processor)
+def perplexity(ctx: EvalContext, rows: list[dict]) -> float:
+    collator = MicroVLMCollator(ctx.processor)
     total, count = 0.0, 0
-    for chunk in batches(rows, args.batch_size, "perplexity"):
+    for chunk in batches(rows, ctx.args.batch_size, "perplexity"):
         batch = collator(chunk)
         batch.pop("scope_labels")
-        out = model(**batch, use_memory=False)
+        out = ctx.model(**batch, use_memory=False)
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total, count = total + float(out.lm_loss) * tokens, count + tokens
     return math.exp(total / max(count, 1))
 
 
 @torch.no_grad()
-def retrieval(model, processor, rows: list[dict]) -> tuple[dict[str, float], torch.Tensor]:
-    collator = MicroVLMCollator(processor)
-    batch = collator(rows)
+def retrieval_similarity(model, processor, rows: list[dict]) -> torch.Tensor:
+    """(N, N) cosine similarity of each row's image (y) with each row's text (x), from the alignment head."""
+    batch = MicroVLMCollator(processor)(rows)
     images, texts = model.embed_images_and_texts(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    similarity = images @ texts.T
+    return images @ texts.T
+
+
+def retrieval_recall(similarity: torch.Tensor, rows: list[dict]) -> dict[str, float]:
+    """Recall@k of `retrieval_similarity`, every row with the same caption counting as right."""
     captions = [r["text"] for r in rows]
-    correct = torch.tensor([[a == b for b in captions] for a in captions])
-    return recall_from_similarity(similarity, correct), similarity
-
-
-def other_episode(batch: dict) -> dict:
-    """Control: each row reads the memory written from the next row's episode."""
-    for key in ("episode_input_ids", "episode_attention_mask", "episode_pixel_values", "episode_mask"):
-        batch[key] = batch[key].roll(1, dims=0)
-    return batch
+    return recall_from_similarity(similarity, torch.tensor([[a == b for b in captions] for a in captions]))
 
 
 @torch.no_grad()
-def recall_after_memory_edits(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, list[str]]:
-    """Answers to each row's question after its episode is written and then changed, through the model's memory
-    API (`write_episodes`):
-
-    * "after forgetting the asked image": the asked step written again with weight −1;
-    * "after editing": the asked step forgotten, then a different image (`edited_recall_sample`, differing in the
-      asked attribute) written in its place;
-    * "after another episode is written on top": the next row's episode written over it.
-    """
-    collator = MicroVLMCollator(processor, with_episodes=True, prompts_only=True)
-    edited_rows = [edited_recall_sample(row, index, args.seed) for index, row in enumerate(rows)]
-    outputs: dict[str, list[str]] = {"after forgetting the asked image": [], "after editing": [],
-                                     "after another episode is written on top": []}
-    for chunk in batches(list(zip(rows, edited_rows)), args.batch_size, "recall after memory edits"):
-        batch, edited = collator([row for row, _ in chunk]), collator([row for _, row in chunk])
-        episode = [batch[k] for k in ("episode_input_ids", "episode_attention_mask", "episode_pixel_values")]
-        replacement = [edited[k] for k in ("episode_input_ids", "episode_attention_mask", "episode_pixel_values")]
-        steps = batch["episode_mask"]
-        asked = torch.nn.functional.one_hot(batch["memory_target_step"], steps.shape[1]).to(steps.dtype) * steps
-        state = model.write_episodes(*episode, steps)
-        forgotten = model.write_episodes(*episode, asked, weight=-1.0, memory_state=state)
-        states = {"after forgetting the asked image": forgotten,
-                  "after editing": model.write_episodes(*replacement, asked, memory_state=forgotten),
-                  "after another episode is written on top": model.write_episodes(
-                      *(t.roll(1, dims=0) for t in episode), steps.roll(1, dims=0), memory_state=state)}
-        prompts = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
-        for name, memory_state in states.items():
-            outputs[name] += greedy_answers(model, processor, prompts, args, use_memory=True, memory_state=memory_state)
-    outputs["edited answers"] = [row["answer"] for row in edited_rows]
-    return outputs
-
-
-@torch.no_grad()
-def scope_decisions(model, processor, rows: list[dict], args: EvalArguments, memory_state) -> dict[str, float]:
+def scope_decisions(ctx: EvalContext, rows: list[dict]) -> dict[str, float]:
     """ScopeNet's decisions at inference: the fraction of recall rows it lets read the memory and of caption/qa
-    rows it keeps away from it (gate >= `scope_threshold`), reading `memory_state`."""
-    collator = MicroVLMCollator(processor, prompts_only=True)
+    rows it keeps away from it (gate >= `scope_threshold`), reading the `written` memory."""
+    collator = MicroVLMCollator(ctx.processor, prompts_only=True)
     opened = {"recall": [], "other": []}
-    for chunk in batches(rows, args.batch_size, "scope decisions"):
-        batch = collator(chunk)
-        batch.pop("labels"), batch.pop("scope_labels")
-        gate = model(**batch, use_memory=True, memory_state=memory_state).scope_gate
-        for row, value in zip(chunk, (gate >= model.config.scope_threshold).tolist()):
+    for chunk in batches(rows, ctx.args.batch_size, "scope decisions"):
+        gate = ctx.model(**prompts(collator(chunk)), use_memory=True, memory_state=ctx.written).scope_gate
+        for row, value in zip(chunk, (gate >= ctx.model.config.scope_threshold).tolist()):
             opened["recall" if row["kind"] == "recall" else "other"].append(value)
     on, off = sum(opened["recall"]), len(opened["other"]) - sum(opened["other"])
-    return {"recall rows on": on / max(len(opened["recall"]), 1), "caption/qa rows off": off / max(len(opened["other"]), 1),
-            "accuracy": (on + off) / max(len(rows), 1)}
+    return {"recall rows on": on / max(len(opened["recall"]), 1),
+            "caption/qa rows off": off / max(len(opened["other"]), 1), "accuracy": (on + off) / max(len(rows), 1)}
 
 
-def asked_image_question(row: dict) -> dict:
-    """The recall question turned into a question about the asked image, with that image in the input: what
-    perception alone allows, an upper bound for recall through memory."""
-    return {"kind": "qa", "image": row["episode_images"][row["target_index"]], "text": QUESTIONS[row["asked"]], "answer": row["answer"]}
+def capacity_curve(ctx: EvalContext) -> dict[str, float]:
+    """Recall with the memory on episodes of each of `capacity_episode_sizes` images."""
+    curve = {}
+    own = Condition("recall", "capacity", "capacity", memory=own_episode)
+    for size in ctx.args.capacity_episode_sizes:
+        rows = list(build_synthetic_dataset(0, 0, ctx.args.capacity_samples, episode_size=size, seed=ctx.args.seed + size,
+                                            image_size=ctx.model.config.vision_config.image_size,
+                                            kinds=("recall",))["test"])
+        curve[str(size)] = exact_match(answers(ctx, own, rows), [r["answer"] for r in rows])
+    return curve
+
+
+# ---------------------------------------------------------------------------------------------- analysis
 
 
 @torch.no_grad()
-def embedding_analysis(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, Any]:
-    collator = MicroVLMCollator(processor)
-    batch = collator(rows)
+def embedding_analysis(ctx: EvalContext, rows: list[dict]) -> dict[str, Any]:
+    model, args = ctx.model, ctx.args
+    batch = MicroVLMCollator(ctx.processor)(rows)
     images, texts = model.embed_images_and_texts(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
     prefix = model.model.get_image_features(batch["pixel_values"]).prefix.mean(1)
     results = {}
@@ -208,24 +358,24 @@ def embedding_analysis(model, processor, rows: list[dict], args: EvalArguments) 
         results[name] = {"statistic": sliced_epps_pulley(embeddings, args.num_slices, args.seed),
                          "null": epps_pulley_null(n, dim, args.num_slices, seed=args.seed), "n": n, "dim": dim}
     with eager_language_attention(model):
-        attentions = model(**{k: v for k, v in batch.items() if k not in ("labels", "scope_labels")}, output_attentions=True, use_memory=False).attentions
+        attentions = model(**prompts(batch), output_attentions=True, use_memory=False).attentions
     prefix_columns = batch["input_ids"][0] == model.config.image_token_id
-    text_rows = (batch["input_ids"] != model.config.image_token_id) & batch["attention_mask"].bool()
+    text_rows = text_token_mask(batch["input_ids"], model.config.image_token_id, batch["attention_mask"])
     weights = torch.stack(attentions).mean(2)[:, :, :, prefix_columns]  # (layers, B, T, k)
     results["prefix_attention"] = attention_stats(weights.permute(1, 2, 0, 3)[text_rows])
     return results
 
 
 @torch.no_grad()
-def vision_probe(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, Any]:
+def vision_probe(ctx: EvalContext, rows: list[dict]) -> dict[str, Any]:
     """Linear-probe accuracy of each attribute from (a) the vision tower's pooled output (B, Dv): its CLS token, or
     the mean of its patch tokens without one, and (b) the adapter's prefix tokens flattened (B, k·D): what the
     image encoder makes linearly readable, before and after the adapter. `analysis.linear_probe` trains on the
     first half of `rows`, tests on the second."""
     features: dict[str, list[torch.Tensor]] = {"pooled_vision": [], "prefix": []}
-    collator = MicroVLMCollator(processor)
-    for chunk in batches(rows, args.batch_size, "vision probe"):
-        image = model.model.get_image_features(collator(chunk)["pixel_values"])
+    collator = MicroVLMCollator(ctx.processor)
+    for chunk in batches(rows, ctx.args.batch_size, "vision probe"):
+        image = ctx.model.model.get_image_features(collator(chunk)["pixel_values"])
         features["pooled_vision"].append(image.cls)
         features["prefix"].append(image.prefix.flatten(1))
     vocabularies = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNTS), "position": list(POSITIONS)}
@@ -239,142 +389,140 @@ def vision_probe(model, processor, rows: list[dict], args: EvalArguments) -> dic
     return result
 
 
-def evaluate_model(args: EvalArguments) -> dict[str, Any]:
+@torch.no_grad()
+def memory_slot_usage(ctx: EvalContext, rows: list[dict]) -> dict[str, float]:
+    batch = MicroVLMCollator(ctx.processor, with_episodes=True)(rows[: ctx.args.batch_size])
+    return slot_utilisation(ctx.model.memory_addresses(**episodes(batch)))
+
+
+# ---------------------------------------------------------------------------------------------- the evaluation
+
+
+def test_rows(ctx: EvalContext) -> dict[str, list[dict]]:
+    """The row sets the conditions name: the test split's captions, questions and recall questions, the recall
+    questions with their edited episodes, and the asked images as questions."""
+    size = ctx.model.config.vision_config.image_size
+    args = ctx.args
+    rows = list(build_synthetic_dataset(0, 0, args.num_test, image_size=size, episode_size=args.episode_size,
+                                        seed=args.seed)["test"])
+    recalls = [r for r in rows if r["kind"] == "recall"]
+    return {"all": rows, "captions": [r for r in rows if r["kind"] == "caption"],
+            "questions": [r for r in rows if r["kind"] == "qa"], "recalls": recalls,
+            "recall edits": [with_edit(row, index, args.seed) for index, row in enumerate(recalls)],
+            "asked images": [asked_image_question(r) for r in recalls]}
+
+
+def load_context(args: EvalArguments) -> EvalContext:
+    """The saved model and processor (through the Auto classes, as a user loads them), the arguments with the
+    episode size resolved, and the memories the conditions read."""
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model_dir, trust_remote_code=True)
-    size = model.config.vision_config.image_size
-    test = build_synthetic_dataset(0, 0, args.num_test, image_size=size, episode_size=args.episode_size, seed=args.seed)["test"]
-    rows = list(test)
-    captions = [r for r in rows if r["kind"] == "caption"]
-    questions = [r for r in rows if r["kind"] == "qa"]
-    recalls = [r for r in rows if r["kind"] == "recall"]
-    results: dict[str, Any] = {"model_dir": args.model_dir, "dataset": "microvlm-synthetic-shapes", "split": "test",
-                               "arguments": asdict(args), "counts": {"caption": len(captions), "qa": len(questions), "recall": len(recalls)}}
+    args = replace(args, episode_size=args.episode_size or model.config.memory_episode_size)
+    model.reset_memory()
+    return EvalContext(model, processor, args, empty=model.memory_state)
+
+
+def evaluate_model(ctx: EvalContext, row_sets: dict[str, list[dict]]) -> EvalResults:
+    model, args = ctx.model, ctx.args
+    captions, questions, recalls = row_sets["captions"], row_sets["questions"], row_sets["recalls"]
     # A written memory for the rows that should not use it (ScopeNet must keep them away): the first recall episode.
-    first = MicroVLMCollator(processor, with_episodes=True)(recalls[:1])
-    written = model.write_episodes(first["episode_input_ids"], first["episode_attention_mask"],
-                                   first["episode_pixel_values"], first["episode_mask"])
+    first = MicroVLMCollator(ctx.processor, with_episodes=True)(recalls[:1])
+    ctx.written = model.write_episodes(**episodes(first))
+    predictions = {(c.section, c.name): answers(ctx, c, row_sets[c.rows]) for c in CONDITIONS}
+    scored: dict[str, dict[str, Any]] = {"qa": {}, "recall": {}}
+    for condition in CONDITIONS:
+        if condition.section in scored:
+            rows, generated = row_sets[condition.rows], predictions[condition.section, condition.name]
+            for key, reference in condition.scores:
+                scored[condition.section][key] = exact_match(generated, [row[reference] for row in rows])
 
-    predictions = {"model": generate(model, processor, captions, args, "captions", use_memory=False),
-                   "blank images": generate(model, processor, captions, args, "captions, blank", pixels=blank, use_memory=False),
-                   "shuffled images": generate(model, processor, captions, args, "captions, shuffled", pixels=shuffled, use_memory=False),
-                   "memory on": generate(model, processor, captions, args, "captions, memory on", use_memory=True, memory_state=written)}
-    references = [[r["text"]] for r in captions]
-    seen = [i for i, r in enumerate(captions) if not r["held_out"]]
-    held_out = [i for i, r in enumerate(captions) if r["held_out"]]
-    results["captions"] = {
-        name: {**caption_metrics(preds, references), "attributes": attribute_accuracy(preds, captions),
-               "attributes_seen_pairs": attribute_accuracy([preds[i] for i in seen], [captions[i] for i in seen]),
-               "attributes_held_out_pairs": attribute_accuracy([preds[i] for i in held_out], [captions[i] for i in held_out])}
-        for name, preds in predictions.items()
-    }
-    results["captions"]["chance"] = {"attributes": {**{n: 1 / k for n, k in ATTRIBUTES.items()}, "all": 1 / math.prod(ATTRIBUTES.values())}}
-    results["captions"]["examples"] = [{"reference": r["text"], "generated": p} for r, p in zip(captions[:8], predictions["model"][:8])]
-    results["perplexity"] = {"model": perplexity(model, processor, captions, args), "chance": model.config.text_config.vocab_size}
-
-    answers = [r["answer"] for r in questions]
-    results["qa"] = {"model": exact_match(generate(model, processor, questions, args, "questions", use_memory=False), answers),
-                     "memory on": exact_match(generate(model, processor, questions, args, "questions, memory on", use_memory=True,
-                                                       memory_state=written), answers),
-                     "blank images": exact_match(generate(model, processor, questions, args, "questions, blank", pixels=blank, use_memory=False), answers),
-                     "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in questions) / max(len(questions), 1)}
+    caption_results = {c.name: caption_scores(predictions[c.section, c.name], captions)
+                       for c in CONDITIONS if c.section == "captions"}
+    chance = {**{n: 1 / k for n, k in ATTRIBUTES.items()}, "all": 1 / math.prod(ATTRIBUTES.values())}
+    caption_results["chance"] = {"attributes": chance}
+    generated = predictions["captions", "model"]
+    caption_results["examples"] = [{"reference": r["text"], "generated": p} for r, p in zip(captions[:8], generated[:8])]
 
     candidates = captions[: args.num_retrieval]
-    recall_at_k, similarity = retrieval(model, processor, candidates)
-    results["retrieval"] = {"model": recall_at_k, "candidates": len(candidates), "chance": {"r@1": 1 / len(candidates), "r@5": 5 / len(candidates)}}
+    chances = {"r@1": 1 / len(candidates), "r@5": 5 / len(candidates)}
+    recall_at_k = retrieval_recall(retrieval_similarity(model, ctx.processor, candidates), candidates)
 
-    answers = [r["answer"] for r in recalls]
-    with_memory = generate(model, processor, recalls, args, "recall, memory", with_episodes=True)
-    edits = recall_after_memory_edits(model, processor, recalls, args)
-    model.reset_memory()
-    results["recall"] = {
-        "memory": exact_match(with_memory, answers),
-        "no memory": exact_match(generate(model, processor, recalls, args, "recall, no memory", use_memory=False), answers),
-        "empty memory": exact_match(generate(model, processor, recalls, args, "recall, empty", use_memory=True,
-                                             memory_state=model.memory_state), answers),
-        "another episode's memory": exact_match(generate(model, processor, recalls, args, "recall, other episode", with_episodes=True, episodes=other_episode), answers),
-        "after forgetting the asked image": exact_match(edits["after forgetting the asked image"], answers),
-        "after editing: the new image's answer": exact_match(edits["after editing"], edits["edited answers"]),
-        "after editing: the old image's answer": exact_match(edits["after editing"], answers),
-        "after another episode is written on top": exact_match(edits["after another episode is written on top"], answers),
-        "asked image in context (upper bound)": exact_match(generate(model, processor, [asked_image_question(r) for r in recalls],
-                                                                     args, "recall, image in context", use_memory=False), answers),
-        "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in recalls) / max(len(recalls), 1),
-        "by_position": {str(i + 1): exact_match([p for p, r in zip(with_memory, recalls) if r["target_index"] == i],
-                                                [r["answer"] for r in recalls if r["target_index"] == i])
-                        for i in range(args.episode_size) if any(r["target_index"] == i for r in recalls)},
-        "by_attribute": {name: exact_match([p for p, r in zip(with_memory, recalls) if r["asked"] == name],
-                                           [r["answer"] for r in recalls if r["asked"] == name])
-                         for name in ATTRIBUTES if any(r["asked"] == name for r in recalls)},
-        "slots": model.config.memory_num_slots,
-    }
-    results["scope"] = scope_decisions(model, processor, rows, args, written)
-    results["recall"]["capacity"] = capacity_curve(model, processor, args)
+    with_memory = predictions["recall", "memory"]
+    recall = {**scored["recall"], "chance": chance_of_answers(recalls),
+              "by_position": {str(index + 1): value for index, value in
+                              exact_match_by(with_memory, recalls, "target_index", range(args.episode_size)).items()},
+              "by_attribute": exact_match_by(with_memory, recalls, "asked", ATTRIBUTES),
+              "slots": model.config.memory_num_slots}
+    scope = scope_decisions(ctx, row_sets["all"])
+    recall["capacity"] = capacity_curve(ctx)
 
+    analysis = embedding_analysis(ctx, captions[: min(len(captions), 256)])
+    analysis["vision_probe"] = vision_probe(ctx, captions + questions)
+    analysis["memory_slots"] = memory_slot_usage(ctx, recalls)
+    results = EvalResults(
+        model_dir=args.model_dir, dataset="microvlm-synthetic-shapes", split="test", arguments=asdict(args),
+        counts={"caption": len(captions), "qa": len(questions), "recall": len(recalls)},
+        captions=caption_results,
+        perplexity={"model": perplexity(ctx, captions), "chance": model.config.text_config.vocab_size},
+        qa={**scored["qa"], "chance": chance_of_answers(questions)},
+        retrieval={"model": recall_at_k, "candidates": len(candidates), "chance": chances},
+        recall=recall, scope=scope, real_photos=real_photo_captions(ctx), analysis=analysis,
+    )
+    results.headline = headline(results)
+    return results
+
+
+def real_photo_captions(ctx: EvalContext) -> dict[str, Any] | None:
+    """A smoke test on real photos: generation must run; the tiny preset has no quality bar here. None when no
+    photo package is installed."""
     photos = load_real_photos()
-    if photos:  # a smoke test on real photos: generation must run; the tiny preset has no quality bar here
-        rows_ = [{"kind": "caption", "image": p["image"], "text": p["references"][0]} for p in photos]
-        generated = generate(model, processor, rows_, args, "real photos", use_memory=False)
-        results["real_photos"] = {**caption_metrics(generated, [p["references"] for p in photos]), "count": len(photos),
-                                  "examples": [{"photo": p["name"], "generated": g} for p, g in zip(photos, generated)]}
-
-    analysed = captions[: min(len(captions), 256)]
-    results["analysis"] = embedding_analysis(model, processor, analysed, args)
-    results["analysis"]["vision_probe"] = vision_probe(model, processor, captions + questions, args)
-    results["analysis"]["memory_slots"] = memory_slot_usage(model, processor, recalls, args)
-    results["headline"] = headline(results)
-    return results, model, processor, captions, recalls, similarity
+    if not photos:
+        return None
+    rows = [{"kind": "caption", "image": p["image"], "text": p["references"][0]} for p in photos]
+    generated = answers(ctx, Condition("real photos", "model", "photos"), rows)
+    return {**caption_metrics(generated, [p["references"] for p in photos]), "count": len(photos),
+            "examples": [{"photo": p["name"], "generated": g} for p, g in zip(photos, generated)]}
 
 
-def capacity_curve(model, processor, args: EvalArguments) -> dict[str, float]:
-    curve = {}
-    for size in [int(s) for s in args.capacity_episode_sizes.split(",")]:
-        rows = list(build_synthetic_dataset(0, 0, args.capacity_samples, image_size=model.config.vision_config.image_size,
-                                            episode_size=size, seed=args.seed + size, kinds=("recall",))["test"])
-        sized = EvalArguments(**{**asdict(args), "episode_size": size})
-        curve[str(size)] = exact_match(generate(model, processor, rows, sized, f"capacity {size}", with_episodes=True), [r["answer"] for r in rows])
-    return curve
-
-
-@torch.no_grad()
-def memory_slot_usage(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, float]:
-    batch = MicroVLMCollator(processor, with_episodes=True)(rows[: args.batch_size])
-    return slot_utilisation(model.memory_addresses(batch["episode_input_ids"], batch["episode_attention_mask"],
-                                                   batch["episode_pixel_values"], batch["episode_mask"]))
-
-
-def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
+def headline(results: EvalResults) -> list[HeadlineFigure]:
     """The figures of the model card's model-index, each with its baseline and chance level."""
-    captions, chance = results["captions"], results["captions"]["chance"]["attributes"]
+    captions, chance = results.captions, results.captions["chance"]["attributes"]
+    retrieval, qa, recall = results.retrieval, results.qa, results.recall
     return [
-        {"task": "captioning", "metric": "accuracy", "name": "attribute accuracy, held-out pairs",
-         "value": captions["model"]["attributes_held_out_pairs"]["mean"], "baseline_name": "blank images",
-         "baseline": captions["blank images"]["attributes_held_out_pairs"]["mean"], "chance": sum(chance[n] for n in ATTRIBUTES) / len(ATTRIBUTES)},
-        {"task": "captioning", "metric": "bleu", "name": "BLEU-4", "value": captions["model"]["bleu"],
-         "baseline_name": "blank images", "baseline": captions["blank images"]["bleu"], "chance": None},
-        {"task": "captioning", "metric": "cider", "name": "CIDEr-D", "value": captions["model"]["cider_d"],
-         "baseline_name": "blank images", "baseline": captions["blank images"]["cider_d"], "chance": None},
-        {"task": "question answering", "metric": "exact_match", "name": "QA exact match", "value": results["qa"]["model"],
-         "baseline_name": "blank images", "baseline": results["qa"]["blank images"], "chance": results["qa"]["chance"]},
-        {"task": "retrieval", "metric": "recall", "name": f"image→text R@1 ({results['retrieval']['candidates']} candidates)",
-         "value": results["retrieval"]["model"]["image_to_text_r@1"], "baseline_name": "chance",
-         "baseline": results["retrieval"]["chance"]["r@1"], "chance": results["retrieval"]["chance"]["r@1"]},
-        {"task": "episodic recall", "metric": "exact_match", "name": "recall exact match", "value": results["recall"]["memory"],
-         "baseline_name": "memory off", "baseline": results["recall"]["no memory"], "chance": results["recall"]["chance"]},
+        HeadlineFigure("captioning", "accuracy", "attribute accuracy, held-out pairs",
+                       captions["model"]["attributes_held_out_pairs"]["mean"], "blank images",
+                       captions["blank images"]["attributes_held_out_pairs"]["mean"],
+                       sum(chance[n] for n in ATTRIBUTES) / len(ATTRIBUTES)),
+        HeadlineFigure("captioning", "bleu", "BLEU-4", captions["model"]["bleu"], "blank images",
+                       captions["blank images"]["bleu"], None),
+        HeadlineFigure("captioning", "cider", "CIDEr-D", captions["model"]["cider_d"], "blank images",
+                       captions["blank images"]["cider_d"], None),
+        HeadlineFigure("question answering", "exact_match", "QA exact match", qa["model"], "blank images",
+                       qa["blank images"], qa["chance"]),
+        HeadlineFigure("retrieval", "recall", f"image→text R@1 ({retrieval['candidates']} candidates)",
+                       retrieval["model"]["image_to_text_r@1"], "chance", retrieval["chance"]["r@1"],
+                       retrieval["chance"]["r@1"]),
+        HeadlineFigure("episodic recall", "exact_match", "recall exact match", recall["memory"], "memory off",
+                       recall["no memory"], recall["chance"]),
     ]
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+def main(argv: list[str] | None = None) -> EvalResults:
+    (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     torch.manual_seed(args.seed)
     output = Path(args.output_dir or Path(args.model_dir) / "eval")
     output.mkdir(parents=True, exist_ok=True)
-    results, model, processor, captions, recalls, similarity = evaluate_model(args)
-    (output / "eval_results.json").write_text(json.dumps(results, indent=2))
+    ctx = load_context(args)
+    row_sets = test_rows(ctx)
+    results = evaluate_model(ctx, row_sets)
+    results.save(output / "eval_results.json")
     from .report import write_plots, write_report
 
-    plots = write_plots(output, args.model_dir, model, processor, captions, recalls, similarity)
+    candidates = row_sets["captions"][: args.num_retrieval]
+    similarity = retrieval_similarity(ctx.model, ctx.processor, candidates)
+    plots = write_plots(output, args.model_dir, ctx.model, ctx.processor, row_sets["captions"], row_sets["recalls"],
+                        similarity)
     write_report(output / "report.md", results, plots)
     logger.info("report: %s", output / "report.md")
     return results

@@ -1,8 +1,7 @@
-"""The evaluation report: PNG plots and a Markdown file of tables, from `eval.py`'s results."""
+"""The evaluation report: PNG plots and a Markdown file of tables, from `cli.py`'s `EvalResults`."""
 
 import json
 from pathlib import Path
-from typing import Any
 
 import matplotlib
 
@@ -12,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..data.collator import MicroVLMCollator  # noqa: E402
+from .results import EvalResults  # noqa: E402
 from .visualisation import memory_addressing  # noqa: E402
 
 
@@ -91,8 +91,8 @@ def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.1f}%"
 
 
-def _real_photo_lines(results: dict[str, Any]) -> list[str]:
-    photos = results.get("real_photos")
+def _real_photo_lines(results: EvalResults) -> list[str]:
+    photos = results.real_photos
     if not photos:
         return []
     examples = "; ".join(f"{e['photo']}: “{e['generated']}”" for e in photos["examples"][:5])
@@ -100,11 +100,11 @@ def _real_photo_lines(results: dict[str, Any]) -> list[str]:
             f"BLEU-4 {photos['bleu']:.1f}, ROUGE-L {photos['rouge_l']:.3f}, CIDEr-D {photos['cider_d']:.2f}. {examples}", ""]
 
 
-def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> None:
-    captions = results["captions"]
+def write_report(path: Path, results: EvalResults, plots: dict[str, str]) -> None:
+    captions = results.captions
     chance = captions["chance"]["attributes"]
-    lines = [f"# MicroVLM evaluation: `{results['model_dir']}`", "",
-             f"Built-in shapes set, test split: {results['counts']}. Baselines come from the same run.", "",
+    lines = [f"# MicroVLM evaluation: `{results.model_dir}`", "",
+             f"Built-in shapes set, test split: {results.counts}. Baselines come from the same run.", "",
              "## Captions", "", "| inputs | BLEU-4 | ROUGE-L | CIDEr-D | METEOR | colour | shape | count | position | all four | held-out pairs (mean) |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in ("model", "blank images", "shuffled images", "memory on"):
@@ -114,35 +114,35 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
         lines.append(f"| {name} | {c['bleu']:.1f} | {c['rouge_l']:.3f} | {c['cider_d']:.2f} | {meteor} | {_pct(a['colour'])} | {_pct(a['shape'])} | "
                      f"{_pct(a['count'])} | {_pct(a['position'])} | {_pct(a['all'])} | {_pct(c['attributes_held_out_pairs']['mean'])} |")
     lines.append(f"| chance | | | | | {_pct(chance['colour'])} | {_pct(chance['shape'])} | {_pct(chance['count'])} | {_pct(chance['position'])} | {_pct(chance['all'])} | |")
-    lines += ["", f"Perplexity of the captions: {results['perplexity']['model']:.2f} (uniform: {results['perplexity']['chance']}).", "",
+    lines += ["", f"Perplexity of the captions: {results.perplexity['model']:.2f} (uniform: {results.perplexity['chance']}).", "",
               "Examples: " + "; ".join(f"“{e['generated']}” for “{e['reference']}”" for e in captions["examples"][:4]), "",
               "## Questions", "", "| inputs | exact match |", "|---|---|",
-              f"| model | {_pct(results['qa']['model'])} |", f"| blank images | {_pct(results['qa']['blank images'])} |",
-              f"| memory on (a written episode; ScopeNet should keep it out) | {_pct(results['qa']['memory on'])} |",
-              f"| chance | {_pct(results['qa']['chance'])} |", "",
+              f"| model | {_pct(results.qa['model'])} |", f"| blank images | {_pct(results.qa['blank images'])} |",
+              f"| memory on (a written episode; ScopeNet should keep it out) | {_pct(results.qa['memory on'])} |",
+              f"| chance | {_pct(results.qa['chance'])} |", "",
               *_real_photo_lines(results),
-              f"## Retrieval ({results['retrieval']['candidates']} candidates)", "", "| | R@1 | R@5 |", "|---|---|---|"]
-    r = results["retrieval"]["model"]
+              f"## Retrieval ({results.retrieval['candidates']} candidates)", "", "| | R@1 | R@5 |", "|---|---|---|"]
+    r = results.retrieval["model"]
     lines += [f"| image → text | {_pct(r['image_to_text_r@1'])} | {_pct(r['image_to_text_r@5'])} |",
               f"| text → image | {_pct(r['text_to_image_r@1'])} | {_pct(r['text_to_image_r@5'])} |",
-              f"| chance | {_pct(results['retrieval']['chance']['r@1'])} | {_pct(results['retrieval']['chance']['r@5'])} |", "",
-              f"## Episodic recall (memory of {results['recall']['slots']} slots)", "", "| memory | exact match |", "|---|---|"]
+              f"| chance | {_pct(results.retrieval['chance']['r@1'])} | {_pct(results.retrieval['chance']['r@5'])} |", "",
+              f"## Episodic recall (memory of {results.recall['slots']} slots)", "", "| memory | exact match |", "|---|---|"]
     for name in ("memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image",
                  "after editing: the new image's answer", "after editing: the old image's answer",
                  "after another episode is written on top", "asked image in context (upper bound)", "chance"):
-        lines.append(f"| {name} | {_pct(results['recall'][name])} |")
-    scope = results["scope"]
-    lines += ["", "By position of the asked image in the episode: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["by_position"].items()),
-              "", "By asked attribute: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["by_attribute"].items()),
+        lines.append(f"| {name} | {_pct(results.recall[name])} |")
+    scope = results.scope
+    lines += ["", "By position of the asked image in the episode: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results.recall["by_position"].items()),
+              "", "By asked attribute: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results.recall["by_attribute"].items()),
               "", f"ScopeNet decisions: {_pct(scope['accuracy'])} right (recall rows let in {_pct(scope['recall rows on'])}, "
               f"caption/question rows kept out {_pct(scope['caption/qa rows off'])}).",
-              "", "Capacity (episode length: accuracy): " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["capacity"].items()), "",
+              "", "Capacity (episode length: accuracy): " + ", ".join(f"{k}: {_pct(v)}" for k, v in results.recall["capacity"].items()), "",
               "## Analysis", "", "Sliced Epps–Pulley (LeJEPA; lower is more Gaussian), beside a Monte-Carlo null of Gaussian samples of the same N, D:", "",
               "| embeddings | N × D | statistic | null mean | null 95% |", "|---|---|---|---|---|"]
     for name in ("projected_cls", "pooled_prefix", "mean_text"):
-        e = results["analysis"][name]
+        e = results.analysis[name]
         lines.append(f"| {name} | {e['n']} × {e['dim']} | {e['statistic']:.3f} | {e['null']['mean']:.3f} | {e['null']['q95']:.3f} |")
-    probe = results["analysis"]["vision_probe"]
+    probe = results.analysis["vision_probe"]
     lines += ["", f"Linear probes (ridge, trained on {probe['rows_train']} test images, scored on the other "
               f"{probe['rows_test']}): what the image encoder makes linearly readable.", "",
               "| features | colour | shape | count | position |", "|---|---|---|---|---|"]
@@ -150,7 +150,7 @@ def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> 
                         ("prefix", "adapter prefix, flattened"), ("chance", "chance")):
         cells = " | ".join(_pct(probe[name][a]) for a in ("colour", "shape", "count", "position"))
         lines.append(f"| {title} | {cells} |")
-    a, m = results["analysis"]["prefix_attention"], results["analysis"]["memory_slots"]
+    a, m = results.analysis["prefix_attention"], results.analysis["memory_slots"]
     lines += ["", f"Text → prefix attention: entropy {a['entropy']:.3f} nats ({a['normalised_entropy']:.2f} of uniform), "
               f"sparsity {a['sparsity']:.2f}, Gini {a['gini']:.2f}.",
               f"Memory slots: {m['active_fraction']:.2f} of {m['slots']} active, effective {m['effective_slots']:.1f}.", "", "## Plots", ""]

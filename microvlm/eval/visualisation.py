@@ -16,6 +16,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
+from ..alignment import text_token_mask  # noqa: E402
+
 
 def _heatmap(matrix: torch.Tensor, title: str, xlabel: str, ylabel: str, cmap: str = "viridis") -> Figure:
     figure, axis = plt.subplots(figsize=(6, 4.5))
@@ -50,7 +52,7 @@ def text_prefix_attention(model, batch: dict[str, torch.Tensor], row: int = 0) -
     attention = torch.stack(out.attentions).mean((0, 2))[row]  # (T, T)
     ids, mask = batch["input_ids"][row], batch["attention_mask"][row].bool()
     prefix = (ids == model.config.image_token_id) & mask
-    text = (ids != model.config.image_token_id) & mask
+    text = text_token_mask(batch["input_ids"], model.config.image_token_id, batch["attention_mask"])[row]
     return _heatmap(attention[text][:, prefix], "LM attention: text tokens × image prefix", "prefix token", "text token")
 
 

@@ -9,11 +9,15 @@ anywhere), private by default. `--dry-run` writes the folder only.
 import argparse
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
 
+from safetensors import safe_open
+
 from ..configuration_microvlm import MicroVLMConfig
+from ..eval.results import EvalResults
 
 logger = logging.getLogger("microvlm.hub_upload")
 
@@ -69,21 +73,21 @@ Evaluated on `{dataset}` ({eval_split} split). Every figure is shown beside its 
 ## Intended use and limitations
 
 A research and teaching model: small enough to train on a laptop CPU, meant for experiments on vision-language
-adapters and episodic memory. It is not meant for any decision about people. {limitations}
+adapters and episodic memory. It is not meant for any decision about people.
 """
 
 
-def model_index(repo_id: str, eval_results: dict[str, Any]) -> list[dict[str, Any]]:
-    """The card's `model-index` entry from the eval JSON's `headline` list."""
-    results = []
-    for entry in eval_results["headline"]:
-        results.append(
-            {
-                "task": {"type": "image-text-to-text", "name": entry["task"]},
-                "dataset": {"type": eval_results["dataset"], "name": eval_results["dataset"], "split": eval_results["split"]},
-                "metrics": [{"type": entry["metric"], "name": entry["name"], "value": entry["value"]}],
-            }
-        )
+def model_index(repo_id: str, eval_results: EvalResults) -> list[dict[str, Any]]:
+    """The card's `model-index` entry from the evaluation's headline figures."""
+    dataset = {"type": eval_results.dataset, "name": eval_results.dataset, "split": eval_results.split}
+    results = [
+        {
+            "task": {"type": "image-text-to-text", "name": entry.task},
+            "dataset": dataset,
+            "metrics": [{"type": entry.metric, "name": entry.name, "value": entry.value}],
+        }
+        for entry in eval_results.headline
+    ]
     return [{"name": repo_id, "results": results}]
 
 
@@ -108,7 +112,13 @@ def to_yaml(value: Any, indent: int = 0) -> str:
     return "\n".join(lines)
 
 
-def model_card(folder: Path, repo_id: str, eval_results: dict[str, Any], license_name: str) -> str:
+def parameter_count(folder: Path) -> int:
+    """Parameters stored in the folder's `model.safetensors` (a tied LM head is stored, and counted, once)."""
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        return sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+
+
+def model_card(folder: Path, repo_id: str, eval_results: EvalResults, license_name: str) -> str:
     config = json.loads((folder / "config.json").read_text())
     vision, text = config["vision_config"], config["text_config"]
     microvlm_config = MicroVLMConfig.from_pretrained(folder)
@@ -118,19 +128,17 @@ def model_card(folder: Path, repo_id: str, eval_results: dict[str, Any], license
         "library_name": "transformers",
         "pipeline_tag": "image-text-to-text",
         "tags": ["microvlm", "vision-language", "episodic-memory", "larimar", "custom_code"],
-        "datasets": eval_results.get("datasets", [eval_results["dataset"]]),
-        "base_model": eval_results.get("base_models", []),
+        "datasets": [eval_results.dataset],
         "model-index": model_index(repo_id, eval_results),
     }
     rows = [
-        f"| {e['task']} | {e['name']} | {e['value']:.4g} | {e.get('baseline_name', '')} {e['baseline']:.4g} | "
-        f"{e['chance']:.4g} |" if e.get("baseline") is not None and e.get("chance") is not None else
-        f"| {e['task']} | {e['name']} | {e['value']:.4g} | – | – |"
-        for e in eval_results["headline"]
+        f"| {e.task} | {e.name} | {e.value:.4g} | {e.baseline_name} {e.baseline:.4g} | {e.chance:.4g} |"
+        if e.chance is not None
+        else f"| {e.task} | {e.name} | {e.value:.4g} | – | – |"
+        for e in eval_results.headline
     ]
-    parameters = eval_results.get("parameters", 0)
     return CARD_TEMPLATE.format(
-        yaml=to_yaml({k: v for k, v in metadata.items() if v}) + "\n",
+        yaml=to_yaml(metadata) + "\n",
         title=repo_id.split("/")[-1],
         repo_id=repo_id,
         vision=vision.get("_name_or_path") or vision["model_type"],
@@ -146,28 +154,27 @@ def model_card(folder: Path, repo_id: str, eval_results: dict[str, Any], license
         kv_heads=text.get("num_key_value_heads") or text["num_attention_heads"],
         vocab=text["vocab_size"],
         slots=config["memory_num_slots"],
-        parameters=parameters,
-        training=eval_results.get("training", "See the MicroVLM repository's README (`python -m microvlm.train`)."),
-        dataset=eval_results["dataset"],
-        eval_split=eval_results["split"],
+        parameters=parameter_count(folder),
+        training="See the MicroVLM repository's README (`python -m microvlm.train`).",
+        dataset=eval_results.dataset,
+        eval_split=eval_results.split,
         table="\n".join(rows),
-        limitations=eval_results.get("limitations", ""),
     )
 
 
 def build_folder(model_dir: Path, eval_json: Path, repo_id: str, output: Path, license_name: str) -> Path:
     """Write the upload folder: a copy of the saved model+processor folder, the eval JSON and the card."""
-    required = ["config.json", "model.safetensors", "processor_config.json", "configuration_microvlm.py", "modeling_microvlm.py"]
+    required = ["config.json", "model.safetensors", "processor_config.json", "configuration_microvlm.py",
+                "modeling_microvlm.py"]
     missing = [name for name in required if not (model_dir / name).is_file()]
     if missing:
         raise ValueError(f"{model_dir} is not a saved MicroVLM folder: missing {missing}")
-    eval_results = json.loads(eval_json.read_text())
-    for key in ("dataset", "split", "headline"):
-        if key not in eval_results:
-            raise ValueError(f"{eval_json}: expected a field {key!r} (write it with `python -m microvlm.eval`)")
+    eval_results = EvalResults.load(eval_json)
     if output.exists():
         shutil.rmtree(output)
-    shutil.copytree(model_dir, output, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "*.pt", "trainer_state.json", "training_args.bin", "optimizer*", "scheduler*", "rng_state*"))
+    training_files = ("checkpoint-*", "runs", "*.pt", "trainer_state.json", "training_args.bin", "optimizer*",
+                      "scheduler*", "rng_state*")
+    shutil.copytree(model_dir, output, ignore=shutil.ignore_patterns(*training_files))
     shutil.copy(eval_json, output / "eval_results.json")
     (output / "README.md").write_text(model_card(output, repo_id, eval_results, license_name))
     return output
