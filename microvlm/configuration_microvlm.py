@@ -233,11 +233,10 @@ class MicroVLMConfig(PretrainedConfig):
         return sorted(path.stem for path in PRESETS_DIR.glob("*.json"))
 
     @classmethod
-    def from_preset(cls, name: str, **overrides: Any) -> "MicroVLMConfig":
-        """Build a config from a preset shipped in `microvlm/presets/<name>.json`, e.g. "tiny" or "microvlm-v".
-
-        Keyword `overrides` replace top-level fields (e.g. `use_memory=True`).
-        """
+    def read_preset(cls, name: str) -> dict[str, Any]:
+        """The values of `microvlm/presets/<name>.json`: the config's fields and, under `processor`, the
+        tokenizer (a folder of the package or a Hub id), the image placeholder token and the image processor's
+        settings — everything a preset is, in one file."""
         path = PRESETS_DIR / f"{name}.json"
         if not path.is_file():
             raise ValueError(
@@ -246,5 +245,15 @@ class MicroVLMConfig(PretrainedConfig):
             )
         values = json.loads(path.read_text())
         values.pop("_comment", None)
+        return values
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> "MicroVLMConfig":
+        """Build a config from a preset shipped in `microvlm/presets/<name>.json`, e.g. "tiny" or "microvlm-v".
+
+        Keyword `overrides` replace top-level fields (e.g. `use_memory=True`).
+        """
+        values = cls.read_preset(name)
+        values.pop("processor")
         values.update(overrides)
         return cls(**values)

@@ -8,18 +8,14 @@ from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers import AutoTokenizer, BatchFeature, ProcessorMixin
+from transformers.models.auto.image_processing_auto import get_image_processor_class_from_name
 
 from .configuration_microvlm import MicroVLMConfig
 
 logger = logging.getLogger(__name__)
 
-# Tokenizers of the presets: the tiny one ships with the package, the others come from the Hub.
-PRESET_TOKENIZERS = {"microvlm-v": "Qwen/Qwen2.5-0.5B"}
-TINY_TOKENIZER_DIR = Path(__file__).parent / "assets" / "tiny_tokenizer"
-IMAGE_PROCESSORS_DIR = Path(__file__).parent / "assets" / "image_processors"  # DeiT-style settings per preset
-# Qwen2.5's tokenizer already has a vision placeholder token: reusing it means no embedding resize.
-QWEN_IMAGE_TOKEN = "<|image_pad|>"
+PACKAGE_DIR = Path(__file__).parent
 
 
 def to_rgb_image(image: Any, index: int = 0) -> Image.Image:
@@ -144,21 +140,25 @@ class MicroVLMProcessor(ProcessorMixin):
 
     @classmethod
     def from_preset(cls, name: str) -> "MicroVLMProcessor":
-        """The processor of a preset: "tiny" works offline (shipped tokenizer); "microvlm-v" loads Qwen2.5's
-        tokenizer from the Hub and uses its `<|image_pad|>` token."""
+        """The processor of a preset, from its `processor` section (`MicroVLMConfig.read_preset`): "tiny" works
+        offline (its tokenizer ships in `microvlm/assets/`); "microvlm-v" loads Qwen2.5's tokenizer from the Hub
+        and uses its `<|image_pad|>` token (no embedding resize)."""
         config = MicroVLMConfig.from_preset(name)
-        if name == "tiny":
-            tokenizer, image_token = AutoTokenizer.from_pretrained(TINY_TOKENIZER_DIR), "<image>"
-        elif name in PRESET_TOKENIZERS:
-            tokenizer, image_token = AutoTokenizer.from_pretrained(PRESET_TOKENIZERS[name]), QWEN_IMAGE_TOKEN
-        else:
-            raise ValueError(f"MicroVLMProcessor.from_preset: no tokenizer known for preset {name!r}")
-        image_processor = AutoImageProcessor.from_pretrained(IMAGE_PROCESSORS_DIR / name)
+        settings = MicroVLMConfig.read_preset(name)["processor"]
+        local = PACKAGE_DIR / settings["tokenizer"]
+        tokenizer = AutoTokenizer.from_pretrained(local if local.is_dir() else settings["tokenizer"])
+        image_settings = dict(settings["image_processor"])
+        image_processor = get_image_processor_class_from_name(image_settings.pop("image_processor_type"))(
+            **image_settings
+        )
         crop = image_processor.crop_size["height"] if image_processor.do_center_crop else image_processor.size["height"]
         if crop != config.vision_config.image_size:
-            raise ValueError(f"preset {name!r}: image processor gives {crop} px, the vision tower expects {config.vision_config.image_size}")
-        return cls(image_processor, tokenizer, image_token=image_token, num_image_tokens=config.num_image_tokens,
-                   chat_template=tokenizer.chat_template)
+            raise ValueError(
+                f"preset {name!r}: image processor gives {crop} px, the vision tower expects "
+                f"{config.vision_config.image_size}: fix `processor.image_processor` in the preset"
+            )
+        return cls(image_processor, tokenizer, image_token=settings["image_token"],
+                   num_image_tokens=config.num_image_tokens, chat_template=tokenizer.chat_template)
 
 
 __all__ = ["MicroVLMProcessor"]

@@ -57,7 +57,7 @@ def test_stage_configs_freeze_what_the_seed_says(stage, expected):
     config = MicroVLMConfig.from_preset("tiny", text_config={**text, "num_hidden_layers": 6})
     model = MicroVLMForCausalLM(config)
     values = read_config(stage)
-    counts = freeze_for_stage(model, values["train_groups"].split(","), values["trainable_lm_layers"])
+    counts = freeze_for_stage(model, values["train_groups"], values["trainable_lm_layers"])
     assert set(counts) == expected
     layers = model.model.language_model.layers
     trained = [any(p.requires_grad for p in layer.parameters()) for layer in layers]

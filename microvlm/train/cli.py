@@ -37,9 +37,9 @@ class ModelArguments:
     vision_model: str | None = field(default=None, metadata={"help": "pretrained vision tower (hub id or folder)"})
     language_model: str | None = field(default=None, metadata={"help": "pretrained LM (hub id or folder)"})
     use_memory: bool = field(default=False, metadata={"help": "read the episodic memory in this stage"})
-    train_groups: str = field(
-        default="adapter,alignment",
-        metadata={"help": "comma-separated module groups to train: vision, adapter, alignment, memory, scope_net, language"},
+    train_groups: list[str] = field(
+        default_factory=lambda: ["adapter", "alignment"],
+        metadata={"help": "module groups to train: vision, adapter, alignment, memory, scope_net, language"},
     )
     trainable_lm_layers: int = field(default=0, metadata={"help": "also train the last N decoder layers of the LM"})
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 4-bit frozen vision tower and LM (bitsandbytes)"})
@@ -49,11 +49,17 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     dataset: str = field(default="synthetic", metadata={"help": "'synthetic' (built-in) or an image-text source"})
-    sample_kinds: str = field(default="caption,qa", metadata={"help": "built-in sample kinds: caption, qa, recall"})
+    sample_kinds: list[str] = field(
+        default_factory=lambda: ["caption", "qa"], metadata={"help": "built-in sample kinds: caption, qa, recall"}
+    )
     num_train: int = 2000
     num_validation: int = 200
     num_test: int = 200
-    episode_size: int = field(default=2, metadata={"help": "built-in set: images per recall episode (the longest)"})
+    episode_size: int | None = field(
+        default=None,
+        metadata={"help": "built-in set: images per recall episode (the longest; default: the model config's "
+                  "memory_episode_size)"},
+    )
     min_episode_size: int | None = field(
         default=None, metadata={"help": "built-in set: recall episodes take every length from this to episode_size"}
     )
@@ -148,8 +154,7 @@ def build_processor(model_args: ModelArguments) -> MicroVLMProcessor:
     return MicroVLMProcessor.from_preset(model_args.preset)
 
 
-def build_datasets(data_args: DataArguments, image_size: int, seed: int):
-    kinds = tuple(kind.strip() for kind in data_args.sample_kinds.split(",") if kind.strip())
+def build_datasets(data_args: DataArguments, config: MicroVLMConfig, seed: int):
     if data_args.dataset == "synthetic":
         from ..data.synthetic_shapes import build_synthetic_dataset
 
@@ -157,11 +162,11 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
             num_train=data_args.num_train,
             num_validation=data_args.num_validation,
             num_test=data_args.num_test,
-            image_size=image_size,
-            episode_size=data_args.episode_size,
+            image_size=config.vision_config.image_size,
+            episode_size=data_args.episode_size or config.memory_episode_size,
             min_episode_size=data_args.min_episode_size,
             seed=seed + data_args.data_seed_offset,
-            kinds=kinds,
+            kinds=data_args.sample_kinds,
         )
         return splits["train"], splits["validation"]
     from ..data.sources import SkipBadSamples, load_image_text_dataset
@@ -178,12 +183,12 @@ def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: st
     set_seed(training_args.seed)
     model = build_model(model_args, training_args)
     processor = build_processor(model_args)
-    groups = [g.strip() for g in model_args.train_groups.split(",")]
+    groups = model_args.train_groups
     counts = freeze_for_stage(model, groups, model_args.trainable_lm_layers)
     if model_args.lora_rank:
         model = add_qlora(model, rank=model_args.lora_rank, trainable_modules=[g for g in groups if g != "language"])
     logger.info("%s: trainable parameters by group %s", stage, counts)
-    train_dataset, eval_dataset = build_datasets(data_args, model.config.vision_config.image_size, training_args.seed)
+    train_dataset, eval_dataset = build_datasets(data_args, model.config, training_args.seed)
     if eval_dataset is None:
         training_args.eval_strategy = "no"
     collator = MicroVLMCollator(
