@@ -2,11 +2,11 @@
 
 * Gaussianity of embeddings: LeJEPA's sliced Epps–Pulley test (Balestriero & LeCun, 2025, "LeJEPA: Provable and
   Scalable Self-Supervised Learning Without the Heuristics"), always shown beside its Monte-Carlo null
-  (`sliced_epps_pulley`, `epps_pulley_slices`, `epps_pulley_null`, `gaussianity_report`).
+  (`sliced_epps_pulley`, `epps_pulley_slices`, `epps_pulley_null`).
 * `attention_stats`: entropy, sparsity and Gini coefficient of attention rows (e.g. text queries over the image
   prefix keys).
 * `slot_utilisation`: how evenly the episodic memory's addressing weights use its slots.
-* `retrieval_recall` / `recall_from_similarity`: image→text and text→image recall@k.
+* `recall_from_similarity`: image→text and text→image recall@k.
 * `linear_probe`: held-out accuracy of a closed-form ridge classifier on features (what an encoder makes linearly
   readable, e.g. the shape of the drawn objects from pooled vision features).
 
@@ -126,25 +126,6 @@ def epps_pulley_null(n: int, dim: int, num_slices: int = 256, repeats: int = 50,
     return _summarise_null(_null_statistics(n, dim, directions, repeats, seed, standardise))
 
 
-def gaussianity_report(embeddings: torch.Tensor, num_slices: int = 256, seed: int = 0, repeats: int = 50,
-                       standardise: bool = True) -> dict:
-    """The sliced statistic of X (N, D) beside its null, for a report: statistic (mean over slices),
-    slice_max (the worst direction), null {mean, std, q95, repeats} as `epps_pulley_null`, p_value =
-    (1 + #{null ≥ statistic}) / (1 + repeats) from the same null draws, n, dim, num_slices and standardise."""
-    n, dim = embeddings.shape
-    directions = unit_directions(dim, num_slices, seed)
-    slices = epps_pulley_slices(embeddings, directions=directions, standardise=standardise)
-    statistic = float(slices.mean())
-    null = _null_statistics(n, dim, directions, repeats, seed, standardise)
-    return {
-        "statistic": statistic,
-        "slice_max": float(slices.max()),
-        "null": _summarise_null(null),
-        "p_value": (1 + int((null >= statistic).sum())) / (1 + repeats),
-        "n": n, "dim": dim, "num_slices": num_slices, "standardise": standardise,
-    }
-
-
 # ---------------------------------------------------------------------------------------------- attention
 
 
@@ -256,22 +237,6 @@ def recall_from_similarity(similarity: torch.Tensor, correct: torch.Tensor | Non
         results[f"image_to_text_r@{k}"] = float(_expected_hits(similarity, match, k).mean())
         results[f"text_to_image_r@{k}"] = float(_expected_hits(similarity.T, match.T, k).mean())
     return results
-
-
-def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, ks: tuple[int, ...] = (1, 5),
-                     correct: torch.Tensor | None = None) -> dict[str, float]:
-    """Image→text and text→image recall@k of paired embeddings (N, D) each, image i matching text i, ranked by
-    cosine similarity; `correct` and ties as in `recall_from_similarity`. Keys: image_to_text_r@k and
-    text_to_image_r@k for each k."""
-    for name, embeds in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
-        if embeds.dim() != 2 or not embeds.is_floating_point():
-            raise TypeError(f"{name} must be floating-point (N, D) embeddings; for a similarity matrix use "
-                            "recall_from_similarity")
-    if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"paired embeddings differ in shape: {tuple(image_embeds.shape)} vs {tuple(text_embeds.shape)}")
-    images = torch.nn.functional.normalize(image_embeds.detach().double(), dim=-1)
-    texts = torch.nn.functional.normalize(text_embeds.detach().double(), dim=-1)
-    return recall_from_similarity(images @ texts.T, correct, ks)
 
 
 # ---------------------------------------------------------------------------------------------- linear probe
