@@ -12,6 +12,7 @@ from .configuration_microvlm import MicroVLMConfig
 from .modeling_microvlm import MicroVLMForCausalLM, MicroVLMPreTrainedModel
 from .processing_microvlm import MicroVLMProcessor
 
+
 AutoConfig.register(MicroVLMConfig.model_type, MicroVLMConfig, exist_ok=True)
 for _auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto_class.register(MicroVLMConfig, MicroVLMForCausalLM, exist_ok=True)

@@ -38,8 +38,12 @@ def equal_sequences(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (compact.unsqueeze(1) == compact.unsqueeze(0)).all(-1)
 
 
-def info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-             positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    positives: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bidirectional, target-aware InfoNCE.
 
     image_embeds, text_embeds: (B, D), row i of each is a pair; logit_scale = 1/τ (scalar); positives: (B, B) bool,
@@ -81,8 +85,13 @@ class MicroVLMAlignmentHead(nn.Module):
         → (B_img, D), text_embeds (B, T, D) mean-pooled over `text_mask` (B, T) → (B, D)."""
         return self.proj(image_embeds), masked_mean(text_embeds, text_mask)
 
-    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
-                positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+        positives: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embeds (B, alignment_input_size), text_embeds (B, T, D), text_mask (B, T), positives (B, B) bool
         or None (see `info_nce`) → (InfoNCE loss, logits (B, B))."""
         # exp(log) keeps a learnable temperature positive; clamp like CLIP so it cannot blow up.

@@ -26,6 +26,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+
 logger = logging.getLogger(__name__)
 
 EPS = 1e-5
@@ -93,8 +94,12 @@ class BitLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, activation_bits: int | None = 8) -> "BitLinear":
         """A BitLinear sharing `linear`'s parameter objects (same values, `requires_grad`, optimizer identity)."""
         layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-            dtype=linear.weight.dtype, activation_bits=activation_bits,
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
+            activation_bits=activation_bits,
         )
         layer.weight = linear.weight
         layer.bias = linear.bias

@@ -12,6 +12,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+
 PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MAP = {
     "AutoConfig": "configuration_microvlm.MicroVLMConfig",

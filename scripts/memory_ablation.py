@@ -29,11 +29,27 @@ def recall_figures(model_dir: str, num_test: int, seed: int) -> dict:
     first = MicroVLMCollator(ctx.processor, with_episodes=True)(recalls[:1])
     ctx.written = ctx.model.write_episodes(**evaluation.episodes(first))
     conditions = {c.name: c for c in evaluation.CONDITIONS if c.section == "recall"}
-    predictions = {name: evaluation.answers(ctx, conditions[name], row_sets[conditions[name].rows])
-                   for name in ("memory", "no memory", "another episode's memory", "after forgetting the asked image",
-                                "after editing")}
-    long = list(evaluation.build_synthetic_dataset(0, 0, 60, image_size=ctx.model.config.vision_config.image_size,
-                                                   episode_size=8, seed=seed + 8, kinds=("recall",))["test"])
+    predictions = {
+        name: evaluation.answers(ctx, conditions[name], row_sets[conditions[name].rows])
+        for name in (
+            "memory",
+            "no memory",
+            "another episode's memory",
+            "after forgetting the asked image",
+            "after editing",
+        )
+    }
+    long = list(
+        evaluation.build_synthetic_dataset(
+            0,
+            0,
+            60,
+            image_size=ctx.model.config.vision_config.image_size,
+            episode_size=8,
+            seed=seed + 8,
+            kinds=("recall",),
+        )["test"]
+    )
     match, answers = evaluation.exact_match, [row["answer"] for row in recalls]
     edited_answers = [row["edited answer"] for row in row_sets["recall edits"]]
     return {
@@ -45,7 +61,9 @@ def recall_figures(model_dir: str, num_test: int, seed: int) -> dict:
         "edited, old answer": match(predictions["after editing"], answers),
         "by attribute": evaluation.exact_match_by(predictions["memory"], recalls, "asked", evaluation.ATTRIBUTES),
         "scope": evaluation.scope_decisions(ctx, row_sets["all"]),
-        "8-image episodes": match(evaluation.answers(ctx, conditions["memory"], long), [row["answer"] for row in long]),
+        "8-image episodes": match(
+            evaluation.answers(ctx, conditions["memory"], long), [row["answer"] for row in long]
+        ),
     }
 
 
@@ -58,8 +76,23 @@ def main() -> None:
     parser.add_argument("train_args", nargs="*", help="after --: flags for microvlm.train")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    train(["--stage", "stage2", "--recipe", "demo", "--init_from", args.stage1, "--output_dir", args.output_dir,
-           "--eval_strategy", "no", "--save_steps", "100000", *args.train_args])
+    train(
+        [
+            "--stage",
+            "stage2",
+            "--recipe",
+            "demo",
+            "--init_from",
+            args.stage1,
+            "--output_dir",
+            args.output_dir,
+            "--eval_strategy",
+            "no",
+            "--save_steps",
+            "100000",
+            *args.train_args,
+        ]
+    )
     torch.manual_seed(args.seed)
     print(json.dumps(recall_figures(args.output_dir, args.num_test, args.seed)))
 

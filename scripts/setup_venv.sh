@@ -9,4 +9,6 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$VENV/bin/pip" install -q torch==2.13.0
   "$VENV/bin/pip" install -q -c requirements-pinned.txt -e ".[test,cc12m,photos,meteor]"
 fi
+# A venv made before ruff joined the test extras gets it at the pinned version.
+"$VENV/bin/python" -m ruff --version >/dev/null 2>&1 || "$VENV/bin/pip" install -q -c requirements-pinned.txt ruff
 PY="$VENV/bin/python"

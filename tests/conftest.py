@@ -5,6 +5,7 @@ import os
 import pytest
 import torch
 
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM  # noqa: E402

@@ -10,6 +10,7 @@ from microvlm import MicroVLMProcessor
 
 from .test_remote_code import run_isolated
 
+
 pytestmark = pytest.mark.min_version
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])

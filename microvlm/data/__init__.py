@@ -15,6 +15,7 @@ from .synthetic_shapes import (
     render_image,
 )
 
+
 __all__ = [
     "COLOURS",
     "COUNTS",

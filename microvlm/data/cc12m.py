@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 
+
 logger = logging.getLogger(__name__)
 
 # Our own files go in a sub-folder: img2dataset reads every "<shard>_*" name in the output folder as its own.
@@ -110,8 +111,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shard-size", "--shard_size", dest="shard_size", type=int, default=10_000)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return download_cc12m(args.tsv, args.output_dir, args.workers, args.threads, args.timeout, args.retries,
-                          args.test_samples, args.image_size, args.shard_size)
+    return download_cc12m(
+        args.tsv,
+        args.output_dir,
+        args.workers,
+        args.threads,
+        args.timeout,
+        args.retries,
+        args.test_samples,
+        args.image_size,
+        args.shard_size,
+    )
 
 
 if __name__ == "__main__":

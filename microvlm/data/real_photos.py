@@ -10,6 +10,7 @@ from typing import Any
 
 from PIL import Image
 
+
 logger = logging.getLogger(__name__)
 CAPTIONS_FILE = Path(__file__).parents[1] / "assets" / "real_photos.json"
 

@@ -17,6 +17,7 @@ import math
 
 import torch
 
+
 EP_T_MAX = 3.0
 EP_NUM_POINTS = 17
 
@@ -69,8 +70,13 @@ def centre_and_scale(embeddings: torch.Tensor) -> torch.Tensor:
     return x / scale.clamp(min=1e-12)
 
 
-def epps_pulley_slices(embeddings: torch.Tensor, num_slices: int = 256, seed: int = 0,
-                       directions: torch.Tensor | None = None, standardise: bool = True) -> torch.Tensor:
+def epps_pulley_slices(
+    embeddings: torch.Tensor,
+    num_slices: int = 256,
+    seed: int = 0,
+    directions: torch.Tensor | None = None,
+    standardise: bool = True,
+) -> torch.Tensor:
     """Epps–Pulley statistic (S,) of X (N, D) projected on each of S unit directions.
 
     `directions` (D, S) overrides `num_slices`/`seed` (default: `unit_directions(D, num_slices, seed)`).
@@ -90,34 +96,57 @@ def epps_pulley_slices(embeddings: torch.Tensor, num_slices: int = 256, seed: in
     return epps_pulley(x @ directions.double())
 
 
-def sliced_epps_pulley(embeddings: torch.Tensor, num_slices: int = 256, seed: int = 0,
-                       directions: torch.Tensor | None = None, standardise: bool = True) -> float:
+def sliced_epps_pulley(
+    embeddings: torch.Tensor,
+    num_slices: int = 256,
+    seed: int = 0,
+    directions: torch.Tensor | None = None,
+    standardise: bool = True,
+) -> float:
     """Mean over slices of `epps_pulley_slices` (same arguments): LeJEPA's sliced statistic of X (N, D)."""
     return float(epps_pulley_slices(embeddings, num_slices, seed, directions, standardise).mean())
 
 
-def _null_statistics(n: int, dim: int, directions: torch.Tensor, repeats: int, seed: int,
-                     standardise: bool) -> torch.Tensor:
+def _null_statistics(
+    n: int, dim: int, directions: torch.Tensor, repeats: int, seed: int, standardise: bool
+) -> torch.Tensor:
     """(repeats,) sliced statistics of standard Gaussian samples (n, dim), drawn from a generator seeded with
     `seed + 1` (the directions use `seed`)."""
     if repeats < 1:
         raise ValueError(f"the null needs at least one repeat, got {repeats}")
     generator = torch.Generator().manual_seed(seed + 1)
-    return torch.tensor([
-        sliced_epps_pulley(torch.randn(n, dim, generator=generator, dtype=torch.float64), directions=directions,
-                           standardise=standardise)
-        for _ in range(repeats)
-    ], dtype=torch.float64)
+    return torch.tensor(
+        [
+            sliced_epps_pulley(
+                torch.randn(n, dim, generator=generator, dtype=torch.float64),
+                directions=directions,
+                standardise=standardise,
+            )
+            for _ in range(repeats)
+        ],
+        dtype=torch.float64,
+    )
 
 
 def _summarise_null(values: torch.Tensor) -> dict[str, float | int]:
     """Mean, std, 95% quantile (linear interpolation) and count of null statistics."""
-    return {"mean": float(values.mean()), "std": float(values.std()) if len(values) > 1 else 0.0,
-            "q95": float(values.quantile(0.95)), "repeats": len(values)}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()) if len(values) > 1 else 0.0,
+        "q95": float(values.quantile(0.95)),
+        "repeats": len(values),
+    }
 
 
-def epps_pulley_null(n: int, dim: int, num_slices: int = 256, repeats: int = 50, seed: int = 0,
-                     directions: torch.Tensor | None = None, standardise: bool = True) -> dict[str, float | int]:
+def epps_pulley_null(
+    n: int,
+    dim: int,
+    num_slices: int = 256,
+    repeats: int = 50,
+    seed: int = 0,
+    directions: torch.Tensor | None = None,
+    standardise: bool = True,
+) -> dict[str, float | int]:
     """Monte-Carlo null of `sliced_epps_pulley`: the statistic of `repeats` standard Gaussian samples (n, dim)
     through the same directions (from `seed`, or `directions`) and the same standardisation, the samples from
     a generator seeded with `seed + 1`. Returns mean, std, 95% quantile (linear interpolation) and repeats."""
@@ -214,14 +243,19 @@ def _expected_hits(similarity: torch.Tensor, correct: torch.Tensor, k: int) -> t
     tied_right = ((sim == best) & correct).sum(-1).double()
     free = (k - above).clamp(min=0)
     m = torch.minimum(free, tied_wrong)  # only used where free ≤ tied_wrong
-    log_miss = (torch.lgamma(tied_wrong + 1) - torch.lgamma(tied_wrong - m + 1)
-                - torch.lgamma(tied_wrong + tied_right + 1) + torch.lgamma(tied_wrong + tied_right - m + 1))
+    log_miss = (
+        torch.lgamma(tied_wrong + 1)
+        - torch.lgamma(tied_wrong - m + 1)
+        - torch.lgamma(tied_wrong + tied_right + 1)
+        + torch.lgamma(tied_wrong + tied_right - m + 1)
+    )
     hit = 1 - log_miss.exp()
     return torch.where(free <= 0, 0.0, torch.where(free > tied_wrong, 1.0, hit))
 
 
-def recall_from_similarity(similarity: torch.Tensor, correct: torch.Tensor | None = None,
-                           ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def recall_from_similarity(
+    similarity: torch.Tensor, correct: torch.Tensor | None = None, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
     """Recall@k both ways from `similarity` (N images, N texts). `correct` (N, N) bool marks which texts are
     right for each image (e.g. identical captions); the diagonal always is. Ties count at their expected
     value under random tie-breaking, so collapsed (all-equal) embeddings score chance, not 1 or 0."""

@@ -48,11 +48,18 @@ from ..data.synthetic_shapes import (
     edited_recall_sample,
     parse_attributes,
 )
-from .analysis import attention_stats, epps_pulley_null, linear_probe, recall_from_similarity, sliced_epps_pulley
-from .analysis import slot_utilisation
+from .analysis import (
+    attention_stats,
+    epps_pulley_null,
+    linear_probe,
+    recall_from_similarity,
+    sliced_epps_pulley,
+    slot_utilisation,
+)
 from .metrics import caption_metrics, load_metric
 from .results import EvalResults, HeadlineFigure
 from .visualisation import eager_language_attention
+
 
 logger = logging.getLogger("microvlm.eval")
 ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES), "count": len(COUNTS), "position": len(POSITIONS)}
@@ -155,15 +162,21 @@ def edited_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str
     forgotten = forgotten_memory(ctx, batch, rows)["memory_state"]
     edited = MicroVLMCollator(ctx.processor, with_episodes=True, prompts_only=True)([row["edited"] for row in rows])
     replacement = {**episodes(edited), "episode_mask": asked_step(batch)}
-    return {**prompts(batch), "use_memory": True,
-            "memory_state": ctx.model.write_episodes(**replacement, memory_state=forgotten)}
+    return {
+        **prompts(batch),
+        "use_memory": True,
+        "memory_state": ctx.model.write_episodes(**replacement, memory_state=forgotten),
+    }
 
 
 def overwritten_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
     """The row's episode written, then the next row's episode written on top of it."""
     written = ctx.model.write_episodes(**episodes(batch))
-    return {**prompts(batch), "use_memory": True,
-            "memory_state": ctx.model.write_episodes(**rolled(episodes(batch)), memory_state=written)}
+    return {
+        **prompts(batch),
+        "use_memory": True,
+        "memory_state": ctx.model.write_episodes(**rolled(episodes(batch)), memory_state=written),
+    }
 
 
 def blank(pixels: torch.Tensor) -> torch.Tensor:
@@ -209,9 +222,16 @@ CONDITIONS = (
     Condition("recall", "empty memory", "recalls", memory=empty_memory),
     Condition("recall", "another episode's memory", "recalls", memory=other_episode),
     Condition("recall", "after forgetting the asked image", "recalls", memory=forgotten_memory),
-    Condition("recall", "after editing", "recall edits", memory=edited_memory,
-              scored=(("after editing: the new image's answer", "edited answer"),
-                      ("after editing: the old image's answer", "answer"))),
+    Condition(
+        "recall",
+        "after editing",
+        "recall edits",
+        memory=edited_memory,
+        scored=(
+            ("after editing: the new image's answer", "edited answer"),
+            ("after editing: the old image's answer", "answer"),
+        ),
+    ),
     Condition("recall", "after another episode is written on top", "recalls", memory=overwritten_memory),
     Condition("recall", "asked image in context (upper bound)", "asked images"),
 )
@@ -276,17 +296,25 @@ def caption_scores(predictions: list[str], captions: list[dict]) -> dict[str, An
     references = [[r["text"]] for r in captions]
     seen = [i for i, r in enumerate(captions) if not r["held_out"]]
     held_out = [i for i, r in enumerate(captions) if r["held_out"]]
-    return {**caption_metrics(predictions, references), "attributes": attribute_accuracy(predictions, captions),
-            "attributes_seen_pairs": attribute_accuracy([predictions[i] for i in seen], [captions[i] for i in seen]),
-            "attributes_held_out_pairs": attribute_accuracy([predictions[i] for i in held_out],
-                                                            [captions[i] for i in held_out])}
+    return {
+        **caption_metrics(predictions, references),
+        "attributes": attribute_accuracy(predictions, captions),
+        "attributes_seen_pairs": attribute_accuracy([predictions[i] for i in seen], [captions[i] for i in seen]),
+        "attributes_held_out_pairs": attribute_accuracy(
+            [predictions[i] for i in held_out], [captions[i] for i in held_out]
+        ),
+    }
 
 
 def exact_match_by(predictions: list[str], rows: list[dict], key: str, values) -> dict[Any, float]:
     """Exact match over the rows whose `key` equals each of `values` (values no row has are left out)."""
-    return {value: exact_match([p for p, r in zip(predictions, rows) if r[key] == value],
-                                    [r["answer"] for r in rows if r[key] == value])
-            for value in values if any(r[key] == value for r in rows)}
+    return {
+        value: exact_match(
+            [p for p, r in zip(predictions, rows) if r[key] == value], [r["answer"] for r in rows if r[key] == value]
+        )
+        for value in values
+        if any(r[key] == value for r in rows)
+    }
 
 
 @torch.no_grad()
@@ -327,8 +355,11 @@ def scope_decisions(ctx: EvalContext, rows: list[dict]) -> dict[str, float]:
         for row, value in zip(chunk, (gate >= ctx.model.config.scope_threshold).tolist()):
             opened["recall" if row["kind"] == "recall" else "other"].append(value)
     on, off = sum(opened["recall"]), len(opened["other"]) - sum(opened["other"])
-    return {"recall rows on": on / max(len(opened["recall"]), 1),
-            "caption/qa rows off": off / max(len(opened["other"]), 1), "accuracy": (on + off) / max(len(rows), 1)}
+    return {
+        "recall rows on": on / max(len(opened["recall"]), 1),
+        "caption/qa rows off": off / max(len(opened["other"]), 1),
+        "accuracy": (on + off) / max(len(rows), 1),
+    }
 
 
 def capacity_curve(ctx: EvalContext) -> dict[str, float]:
@@ -336,9 +367,17 @@ def capacity_curve(ctx: EvalContext) -> dict[str, float]:
     curve = {}
     own = Condition("recall", "capacity", "capacity", memory=own_episode)
     for size in ctx.args.capacity_episode_sizes:
-        rows = list(build_synthetic_dataset(0, 0, ctx.args.capacity_samples, episode_size=size, seed=ctx.args.seed + size,
-                                            image_size=ctx.model.config.vision_config.image_size,
-                                            kinds=("recall",))["test"])
+        rows = list(
+            build_synthetic_dataset(
+                0,
+                0,
+                ctx.args.capacity_samples,
+                episode_size=size,
+                seed=ctx.args.seed + size,
+                image_size=ctx.model.config.vision_config.image_size,
+                kinds=("recall",),
+            )["test"]
+        )
         curve[str(size)] = exact_match(answers(ctx, own, rows), [r["answer"] for r in rows])
     return curve
 
@@ -355,8 +394,12 @@ def embedding_analysis(ctx: EvalContext, rows: list[dict]) -> dict[str, Any]:
     results = {}
     for name, embeddings in (("projected_cls", images), ("pooled_prefix", prefix), ("mean_text", texts)):
         n, dim = embeddings.shape
-        results[name] = {"statistic": sliced_epps_pulley(embeddings, args.num_slices, args.seed),
-                         "null": epps_pulley_null(n, dim, args.num_slices, seed=args.seed), "n": n, "dim": dim}
+        results[name] = {
+            "statistic": sliced_epps_pulley(embeddings, args.num_slices, args.seed),
+            "null": epps_pulley_null(n, dim, args.num_slices, seed=args.seed),
+            "n": n,
+            "dim": dim,
+        }
     with eager_language_attention(model):
         attentions = model(**prompts(batch), output_attentions=True, use_memory=False).attentions
     prefix_columns = batch["input_ids"][0] == model.config.image_token_id
@@ -379,10 +422,14 @@ def vision_probe(ctx: EvalContext, rows: list[dict]) -> dict[str, Any]:
         features["pooled_vision"].append(image.cls)
         features["prefix"].append(image.prefix.flatten(1))
     vocabularies = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNTS), "position": list(POSITIONS)}
-    labels = {name: torch.tensor([vocabulary.index(r[name]) for r in rows])
-              for name, vocabulary in vocabularies.items()}
-    result: dict[str, Any] = {"rows_train": len(rows) // 2, "rows_test": len(rows) - len(rows) // 2,
-                              "chance": {name: 1 / len(vocabulary) for name, vocabulary in vocabularies.items()}}
+    labels = {
+        name: torch.tensor([vocabulary.index(r[name]) for r in rows]) for name, vocabulary in vocabularies.items()
+    }
+    result: dict[str, Any] = {
+        "rows_train": len(rows) // 2,
+        "rows_test": len(rows) - len(rows) // 2,
+        "chance": {name: 1 / len(vocabulary) for name, vocabulary in vocabularies.items()},
+    }
     for source, chunks in features.items():
         stacked = torch.cat(chunks).float()
         result[source] = {name: linear_probe(stacked, labels[name], len(vocabularies[name])) for name in vocabularies}
@@ -403,13 +450,20 @@ def test_rows(ctx: EvalContext) -> dict[str, list[dict]]:
     questions with their edited episodes, and the asked images as questions."""
     size = ctx.model.config.vision_config.image_size
     args = ctx.args
-    rows = list(build_synthetic_dataset(0, 0, args.num_test, image_size=size, episode_size=args.episode_size,
-                                        seed=args.seed)["test"])
+    rows = list(
+        build_synthetic_dataset(0, 0, args.num_test, image_size=size, episode_size=args.episode_size, seed=args.seed)[
+            "test"
+        ]
+    )
     recalls = [r for r in rows if r["kind"] == "recall"]
-    return {"all": rows, "captions": [r for r in rows if r["kind"] == "caption"],
-            "questions": [r for r in rows if r["kind"] == "qa"], "recalls": recalls,
-            "recall edits": [with_edit(row, index, args.seed) for index, row in enumerate(recalls)],
-            "asked images": [asked_image_question(r) for r in recalls]}
+    return {
+        "all": rows,
+        "captions": [r for r in rows if r["kind"] == "caption"],
+        "questions": [r for r in rows if r["kind"] == "qa"],
+        "recalls": recalls,
+        "recall edits": [with_edit(row, index, args.seed) for index, row in enumerate(recalls)],
+        "asked images": [asked_image_question(r) for r in recalls],
+    }
 
 
 def load_context(args: EvalArguments) -> EvalContext:
@@ -436,23 +490,31 @@ def evaluate_model(ctx: EvalContext, row_sets: dict[str, list[dict]]) -> EvalRes
             for key, reference in condition.scores:
                 scored[condition.section][key] = exact_match(generated, [row[reference] for row in rows])
 
-    caption_results = {c.name: caption_scores(predictions[c.section, c.name], captions)
-                       for c in CONDITIONS if c.section == "captions"}
+    caption_results = {
+        c.name: caption_scores(predictions[c.section, c.name], captions) for c in CONDITIONS if c.section == "captions"
+    }
     chance = {**{n: 1 / k for n, k in ATTRIBUTES.items()}, "all": 1 / math.prod(ATTRIBUTES.values())}
     caption_results["chance"] = {"attributes": chance}
     generated = predictions["captions", "model"]
-    caption_results["examples"] = [{"reference": r["text"], "generated": p} for r, p in zip(captions[:8], generated[:8])]
+    caption_results["examples"] = [
+        {"reference": r["text"], "generated": p} for r, p in zip(captions[:8], generated[:8])
+    ]
 
     candidates = captions[: args.num_retrieval]
     chances = {"r@1": 1 / len(candidates), "r@5": 5 / len(candidates)}
     recall_at_k = retrieval_recall(retrieval_similarity(model, ctx.processor, candidates), candidates)
 
     with_memory = predictions["recall", "memory"]
-    recall = {**scored["recall"], "chance": chance_of_answers(recalls),
-              "by_position": {str(index + 1): value for index, value in
-                              exact_match_by(with_memory, recalls, "target_index", range(args.episode_size)).items()},
-              "by_attribute": exact_match_by(with_memory, recalls, "asked", ATTRIBUTES),
-              "slots": model.config.memory_num_slots}
+    recall = {
+        **scored["recall"],
+        "chance": chance_of_answers(recalls),
+        "by_position": {
+            str(index + 1): value
+            for index, value in exact_match_by(with_memory, recalls, "target_index", range(args.episode_size)).items()
+        },
+        "by_attribute": exact_match_by(with_memory, recalls, "asked", ATTRIBUTES),
+        "slots": model.config.memory_num_slots,
+    }
     scope = scope_decisions(ctx, row_sets["all"])
     recall["capacity"] = capacity_curve(ctx)
 
@@ -460,13 +522,19 @@ def evaluate_model(ctx: EvalContext, row_sets: dict[str, list[dict]]) -> EvalRes
     analysis["vision_probe"] = vision_probe(ctx, captions + questions)
     analysis["memory_slots"] = memory_slot_usage(ctx, recalls)
     results = EvalResults(
-        model_dir=args.model_dir, dataset="microvlm-synthetic-shapes", split="test", arguments=asdict(args),
+        model_dir=args.model_dir,
+        dataset="microvlm-synthetic-shapes",
+        split="test",
+        arguments=asdict(args),
         counts={"caption": len(captions), "qa": len(questions), "recall": len(recalls)},
         captions=caption_results,
         perplexity={"model": perplexity(ctx, captions), "chance": model.config.text_config.vocab_size},
         qa={**scored["qa"], "chance": chance_of_answers(questions)},
         retrieval={"model": recall_at_k, "candidates": len(candidates), "chance": chances},
-        recall=recall, scope=scope, real_photos=real_photo_captions(ctx), analysis=analysis,
+        recall=recall,
+        scope=scope,
+        real_photos=real_photo_captions(ctx),
+        analysis=analysis,
     )
     results.headline = headline(results)
     return results
@@ -480,8 +548,11 @@ def real_photo_captions(ctx: EvalContext) -> dict[str, Any] | None:
         return None
     rows = [{"kind": "caption", "image": p["image"], "text": p["references"][0]} for p in photos]
     generated = answers(ctx, Condition("real photos", "model", "photos"), rows)
-    return {**caption_metrics(generated, [p["references"] for p in photos]), "count": len(photos),
-            "examples": [{"photo": p["name"], "generated": g} for p, g in zip(photos, generated)]}
+    return {
+        **caption_metrics(generated, [p["references"] for p in photos]),
+        "count": len(photos),
+        "examples": [{"photo": p["name"], "generated": g} for p, g in zip(photos, generated)],
+    }
 
 
 def headline(results: EvalResults) -> list[HeadlineFigure]:
@@ -489,21 +560,60 @@ def headline(results: EvalResults) -> list[HeadlineFigure]:
     captions, chance = results.captions, results.captions["chance"]["attributes"]
     retrieval, qa, recall = results.retrieval, results.qa, results.recall
     return [
-        HeadlineFigure("captioning", "accuracy", "attribute accuracy, held-out pairs",
-                       captions["model"]["attributes_held_out_pairs"]["mean"], "blank images",
-                       captions["blank images"]["attributes_held_out_pairs"]["mean"],
-                       sum(chance[n] for n in ATTRIBUTES) / len(ATTRIBUTES)),
-        HeadlineFigure("captioning", "bleu", "BLEU-4", captions["model"]["bleu"], "blank images",
-                       captions["blank images"]["bleu"], None),
-        HeadlineFigure("captioning", "cider", "CIDEr-D", captions["model"]["cider_d"], "blank images",
-                       captions["blank images"]["cider_d"], None),
-        HeadlineFigure("question answering", "exact_match", "QA exact match", qa["model"], "blank images",
-                       qa["blank images"], qa["chance"]),
-        HeadlineFigure("retrieval", "recall", f"image→text R@1 ({retrieval['candidates']} candidates)",
-                       retrieval["model"]["image_to_text_r@1"], "chance", retrieval["chance"]["r@1"],
-                       retrieval["chance"]["r@1"]),
-        HeadlineFigure("episodic recall", "exact_match", "recall exact match", recall["memory"], "memory off",
-                       recall["no memory"], recall["chance"]),
+        HeadlineFigure(
+            "captioning",
+            "accuracy",
+            "attribute accuracy, held-out pairs",
+            captions["model"]["attributes_held_out_pairs"]["mean"],
+            "blank images",
+            captions["blank images"]["attributes_held_out_pairs"]["mean"],
+            sum(chance[n] for n in ATTRIBUTES) / len(ATTRIBUTES),
+        ),
+        HeadlineFigure(
+            "captioning",
+            "bleu",
+            "BLEU-4",
+            captions["model"]["bleu"],
+            "blank images",
+            captions["blank images"]["bleu"],
+            None,
+        ),
+        HeadlineFigure(
+            "captioning",
+            "cider",
+            "CIDEr-D",
+            captions["model"]["cider_d"],
+            "blank images",
+            captions["blank images"]["cider_d"],
+            None,
+        ),
+        HeadlineFigure(
+            "question answering",
+            "exact_match",
+            "QA exact match",
+            qa["model"],
+            "blank images",
+            qa["blank images"],
+            qa["chance"],
+        ),
+        HeadlineFigure(
+            "retrieval",
+            "recall",
+            f"image→text R@1 ({retrieval['candidates']} candidates)",
+            retrieval["model"]["image_to_text_r@1"],
+            "chance",
+            retrieval["chance"]["r@1"],
+            retrieval["chance"]["r@1"],
+        ),
+        HeadlineFigure(
+            "episodic recall",
+            "exact_match",
+            "recall exact match",
+            recall["memory"],
+            "memory off",
+            recall["no memory"],
+            recall["chance"],
+        ),
     ]
 
 
@@ -521,8 +631,9 @@ def main(argv: list[str] | None = None) -> EvalResults:
 
     candidates = row_sets["captions"][: args.num_retrieval]
     similarity = retrieval_similarity(ctx.model, ctx.processor, candidates)
-    plots = write_plots(output, args.model_dir, ctx.model, ctx.processor, row_sets["captions"], row_sets["recalls"],
-                        similarity)
+    plots = write_plots(
+        output, args.model_dir, ctx.model, ctx.processor, row_sets["captions"], row_sets["recalls"], similarity
+    )
     write_report(output / "report.md", results, plots)
     logger.info("report: %s", output / "report.md")
     return results

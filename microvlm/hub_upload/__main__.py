@@ -2,4 +2,5 @@
 
 from .upload import main
 
+
 main()

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+
 logger = logging.getLogger(__name__)
 
 # Module groups of MicroVLMForCausalLM, by parameter-name prefix.
@@ -34,7 +35,9 @@ def gradient_flow(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Per group: L2 norm of the gradients, and how many trainable / frozen parameters hold a non-zero gradient."""
     stats: dict[str, dict[str, float]] = {}
     for name, param in model.named_parameters():
-        entry = stats.setdefault(group_of(name), {"grad_norm": 0.0, "trainable": 0, "trainable_with_grad": 0, "frozen_with_grad": 0})
+        entry = stats.setdefault(
+            group_of(name), {"grad_norm": 0.0, "trainable": 0, "trainable_with_grad": 0, "frozen_with_grad": 0}
+        )
         has_grad = param.grad is not None and bool(param.grad.detach().abs().sum() > 0)
         if param.requires_grad:
             entry["trainable"] += 1
@@ -64,7 +67,9 @@ class GradientFlowCallback(TrainerCallback):
         for group, entry in stats.items():
             self.pending[f"grad_norm/{group}"] = round(entry["grad_norm"], 6)
             if entry["frozen_with_grad"]:
-                logger.warning("gradient flow: frozen group %r has gradients on %d tensors", group, entry["frozen_with_grad"])
+                logger.warning(
+                    "gradient flow: frozen group %r has gradients on %d tensors", group, entry["frozen_with_grad"]
+                )
             if entry["trainable"] and not entry["trainable_with_grad"]:
                 logger.warning("gradient flow: trained group %r received no gradient", group)
         if state.is_world_process_zero:
@@ -100,9 +105,9 @@ class VisualisationCallback(TrainerCallback):
     def on_step_end(self, args, state, control, model=None, **kwargs):
         if model is None or state.global_step % self.every_n_steps or not state.is_world_process_zero:
             return
-        from ..eval.visualisation import figures_for
-
         import matplotlib.pyplot as plt
+
+        from ..eval.visualisation import figures_for
 
         folder = Path(args.output_dir) / "visualisations"
         folder.mkdir(parents=True, exist_ok=True)

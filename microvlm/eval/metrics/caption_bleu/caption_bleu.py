@@ -4,6 +4,7 @@ import datasets
 import evaluate
 import sacrebleu
 
+
 _DESCRIPTION = """Corpus-level BLEU-4 (Papineni et al., 2002) computed by sacrebleu: modified 1–4-gram precisions
 pooled over the whole corpus, geometric mean, brevity penalty against the closest reference length. Defaults are
 sacrebleu's (13a tokenisation, case-sensitive, exponential smoothing), so the score equals
@@ -44,9 +45,12 @@ class CaptionBleu(evaluate.Metric):
             reference_urls=["https://github.com/mjpost/sacrebleu"],
         )
 
-    def _compute(self, predictions: list[str], references: list[list[str]], lowercase: bool = False,
-                 tokenize: str = "13a") -> dict[str, float]:
+    def _compute(
+        self, predictions: list[str], references: list[list[str]], lowercase: bool = False, tokenize: str = "13a"
+    ) -> dict[str, float]:
         if not predictions:
             raise ValueError("BLEU needs at least one prediction")
-        bleu = sacrebleu.corpus_bleu(predictions, reference_streams(references), lowercase=lowercase, tokenize=tokenize)
+        bleu = sacrebleu.corpus_bleu(
+            predictions, reference_streams(references), lowercase=lowercase, tokenize=tokenize
+        )
         return {"bleu": float(bleu.score)}

@@ -9,6 +9,7 @@ import datasets
 import evaluate
 from pycocoevalcap.meteor.meteor import Meteor
 
+
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 
 _DESCRIPTION = """METEOR 1.5 (Denkowski and Lavie, 2014) as the COCO caption toolkit runs it: `java -jar
@@ -25,7 +26,10 @@ Returns:
     meteor: float in [0, 1].
 """
 
-_CITATION = "Denkowski and Lavie, 2014. Meteor Universal: Language Specific Translation Evaluation for Any Target Language. WMT."
+_CITATION = (
+    "Denkowski and Lavie, 2014. Meteor Universal: Language Specific Translation Evaluation for Any Target Language. "
+    "WMT."
+)
 
 
 def tokenize(text: str) -> str:

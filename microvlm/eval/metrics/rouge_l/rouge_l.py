@@ -5,6 +5,7 @@ import re
 import datasets
 import evaluate
 
+
 BETA = 1.2
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 
