@@ -1,1 +1,0 @@
-"""The `cider_d` evaluate metric module (a package only so that setuptools installs its script)."""

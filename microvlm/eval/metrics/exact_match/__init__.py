@@ -1,1 +1,0 @@
-"""The `exact_match` evaluate metric module (a package only so that setuptools installs its script)."""
