@@ -22,9 +22,9 @@ from microvlm.eval.analysis import (
     unit_directions,
 )
 from microvlm.eval.metrics import available_metrics, caption_metrics, load_metric, meteor_available, metric_path
-from microvlm.eval.metrics.cider_d.cider_d import cider_d_scores
-from microvlm.eval.metrics.exact_match.exact_match import normalise
-from microvlm.eval.metrics.rouge_l.rouge_l import lcs_length
+from microvlm.eval.metrics.cider_d import cider_d_scores
+from microvlm.eval.metrics.exact_match import normalise
+from microvlm.eval.metrics.rouge_l import lcs_length
 
 
 PREDICTIONS = ["two red circles on the left", "one blue star at the top", "three green squares"]

@@ -1,15 +1,18 @@
 """Save → load round trips, in-process and through remote code in a fresh process that cannot import microvlm."""
 
+import ast
 import json
 import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
 
+import microvlm
 from microvlm import MicroVLMForCausalLM
 
 from .conftest import make_inputs
@@ -92,3 +95,33 @@ def test_remote_code_round_trip_in_a_fresh_offline_process(tiny_model, tiny_conf
     assert torch.equal(
         result["generated"], tiny_model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     )
+
+
+def flat_imports(path: Path) -> tuple[set[str], set[str]]:
+    """(top-level packages imported absolutely, sibling modules imported relatively) by one module."""
+    absolute, relative = set(), set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            absolute |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            absolute.add(node.module.split(".")[0])
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 1 and node.module, f"{path.name}: only `from .module import` travels with a model"
+            relative.add(node.module)
+    return absolute, relative
+
+
+def test_the_flat_modules_are_the_remote_code_closure_and_import_only_torch_and_transformers():
+    package = Path(microvlm.__file__).parent
+    flat = {path.stem for path in package.glob("*.py")} - {"__init__"}
+    # What transformers' own dependencies bring (safetensors, PIL, numpy) and the standard library are allowed.
+    allowed = {"torch", "transformers", "safetensors", "PIL", "numpy", *sys.stdlib_module_names}
+    reached, pending = set(), ["configuration_microvlm", "modeling_microvlm", "processing_microvlm"]
+    while pending:
+        name = pending.pop()
+        reached.add(name)
+        absolute, relative = flat_imports(package / f"{name}.py")
+        assert absolute <= allowed, f"{name}.py imports {sorted(absolute - allowed)}: move it to a tooling package"
+        assert relative <= flat, f"{name}.py imports {sorted(relative - flat)}, not a flat module"
+        pending += sorted(relative - reached)
+    assert reached == flat, f"flat modules no saved model needs (tooling belongs in a package): {flat - reached}"

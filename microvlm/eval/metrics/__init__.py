@@ -1,8 +1,9 @@
-"""`evaluate` metric modules shipped with MicroVLM and loaded from their local folders, never from the Hub.
+"""`evaluate` metric modules shipped with MicroVLM and loaded from their local scripts, never from the Hub.
 
-Each metric is a folder holding a script of the same name (evaluate's convention for local modules):
+Each metric is one script in this folder, loadable on its own with `evaluate.load(<path of the script>)`:
 caption_bleu (BLEU-4, sacrebleu), rouge_l (ROUGE-L F, β = 1.2), cider_d (CIDEr-D), meteor (METEOR 1.5 through
-pycocoevalcap's jar; needs Java and the `pycocoevalcap` package) and exact_match (short answers).
+pycocoevalcap's jar; needs Java and the `pycocoevalcap` package) and exact_match (short answers). What they share
+(caption tokens, input features, the `MetricInfo`) is in `local_metric.py`, which evaluate copies beside each.
 """
 
 import functools
@@ -20,14 +21,14 @@ logger = logging.getLogger(__name__)
 
 
 def available_metrics() -> list[str]:
-    """Names of the metric modules shipped in this folder."""
-    return sorted(p.name for p in METRICS_DIR.iterdir() if (p / f"{p.name}.py").is_file())
+    """Names of the metric scripts shipped in this folder."""
+    return sorted(p.stem for p in METRICS_DIR.glob("*.py") if p.stem not in ("__init__", "local_metric"))
 
 
 def metric_path(name: str) -> Path:
     """Absolute path of a shipped metric's script; resolved from this file, so it works from an installed package."""
-    path = METRICS_DIR / name / f"{name}.py"
-    if not path.is_file():
+    path = METRICS_DIR / f"{name}.py"
+    if name not in available_metrics():
         raise ValueError(f"unknown metric {name!r}: MicroVLM ships {available_metrics()}")
     return path
 

@@ -1,8 +1,8 @@
 """Corpus-level BLEU-4 of captions against any number of references each, computed by sacrebleu."""
 
-import datasets
-import evaluate
 import sacrebleu
+
+from .local_metric import LocalMetric
 
 
 _DESCRIPTION = """Corpus-level BLEU-4 (Papineni et al., 2002) computed by sacrebleu: modified 1–4-gram precisions
@@ -32,19 +32,13 @@ def reference_streams(references: list[list[str]]) -> list[list[str | None]]:
     return [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class CaptionBleu(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.List(datasets.Value("string"))}
-            ),
-            reference_urls=["https://github.com/mjpost/sacrebleu"],
-        )
-
+class CaptionBleu(
+    LocalMetric,
+    description=_DESCRIPTION,
+    inputs_description=_KWARGS_DESCRIPTION,
+    citation=_CITATION,
+    reference_urls=("https://github.com/mjpost/sacrebleu",),
+):
     def _compute(
         self, predictions: list[str], references: list[list[str]], lowercase: bool = False, tokenize: str = "13a"
     ) -> dict[str, float]:

@@ -2,16 +2,13 @@
 
 import logging
 import math
-import re
 from collections import Counter
 
-import datasets
-import evaluate
+from .local_metric import LocalMetric, caption_tokens
 
 
 MAX_N = 4
 SIGMA = 6.0
-_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 logger = logging.getLogger(__name__)
 
 _DESCRIPTION = """CIDEr-D (Vedantam et al., 2015) exactly as the COCO caption toolkit computes it. Over the M
@@ -36,11 +33,6 @@ Returns:
 """
 
 _CITATION = "Vedantam, Zitnick and Parikh, 2015. CIDEr: Consensus-based Image Description Evaluation. CVPR."
-
-
-def tokenize(text: str) -> list[str]:
-    """COCO-style caption tokens: lower case, punctuation dropped."""
-    return _WORD.findall(text.lower())
 
 
 def ngram_counts(tokens: list[str], max_n: int = MAX_N) -> Counter:
@@ -91,23 +83,17 @@ def cider_d_scores(
     return scores
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class CiderD(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.List(datasets.Value("string"))}
-            ),
-            reference_urls=["https://github.com/tylin/coco-caption"],
-        )
-
+class CiderD(
+    LocalMetric,
+    description=_DESCRIPTION,
+    inputs_description=_KWARGS_DESCRIPTION,
+    citation=_CITATION,
+    reference_urls=("https://github.com/tylin/coco-caption",),
+):
     def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         if not predictions:
             raise ValueError("CIDEr-D needs at least one prediction")
         scores = cider_d_scores(
-            [tokenize(p) for p in predictions], [[tokenize(r) for r in refs] for refs in references]
+            [caption_tokens(p) for p in predictions], [[caption_tokens(r) for r in refs] for refs in references]
         )
         return {"cider_d": sum(scores) / len(scores)}

@@ -4,7 +4,8 @@ import re
 import string
 
 import datasets
-import evaluate
+
+from .local_metric import CAPTION_FEATURES, LocalMetric
 
 
 ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -22,6 +23,12 @@ Returns:
     exact_match: float in [0, 1].
 """
 
+# A short answer against one acceptable answer or a list of them.
+ANSWER_FEATURES = [
+    CAPTION_FEATURES,
+    datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
+]
+
 _CITATION = "Rajpurkar et al., 2016. SQuAD: 100,000+ Questions for Machine Comprehension of Text. EMNLP."
 
 
@@ -31,21 +38,13 @@ def normalise(text: str) -> str:
     return " ".join(ARTICLES.sub(" ", text).split())
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class ExactMatch(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=[
-                datasets.Features(
-                    {"predictions": datasets.Value("string"), "references": datasets.List(datasets.Value("string"))}
-                ),
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
-            ],
-        )
-
+class ExactMatch(
+    LocalMetric,
+    description=_DESCRIPTION,
+    inputs_description=_KWARGS_DESCRIPTION,
+    citation=_CITATION,
+    features=ANSWER_FEATURES,
+):
     def _compute(self, predictions: list[str], references: list[str] | list[list[str]]) -> dict[str, float]:
         if not predictions:
             raise ValueError("exact match needs at least one prediction")

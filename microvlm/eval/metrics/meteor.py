@@ -2,15 +2,12 @@
 English paraphrase table; a Java runtime must be on PATH)."""
 
 import functools
-import re
 import shutil
 
-import datasets
-import evaluate
 from pycocoevalcap.meteor.meteor import Meteor
 
+from .local_metric import LocalMetric, caption_tokens
 
-_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 
 _DESCRIPTION = """METEOR 1.5 (Denkowski and Lavie, 2014) as the COCO caption toolkit runs it: `java -jar
 meteor-1.5.jar - - -stdio -l en -norm`, every example scored against all of its references, and the corpus
@@ -34,7 +31,7 @@ _CITATION = (
 
 def tokenize(text: str) -> str:
     """COCO-style caption normalisation (lower case, punctuation dropped), tokens joined by single spaces."""
-    return " ".join(_WORD.findall(text.lower()))
+    return " ".join(caption_tokens(text))
 
 
 @functools.cache
@@ -45,19 +42,13 @@ def scorer() -> Meteor:
     return Meteor()
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class CaptionMeteor(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.List(datasets.Value("string"))}
-            ),
-            reference_urls=["https://www.cs.cmu.edu/~alavie/METEOR/", "https://github.com/tylin/coco-caption"],
-        )
-
+class CaptionMeteor(
+    LocalMetric,
+    description=_DESCRIPTION,
+    inputs_description=_KWARGS_DESCRIPTION,
+    citation=_CITATION,
+    reference_urls=("https://www.cs.cmu.edu/~alavie/METEOR/", "https://github.com/tylin/coco-caption"),
+):
     def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         if not predictions:
             raise ValueError("METEOR needs at least one prediction")

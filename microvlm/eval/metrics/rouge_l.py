@@ -1,13 +1,9 @@
 """ROUGE-L F-score of captions as computed by the COCO caption toolkit (pycocoevalcap), β = 1.2."""
 
-import re
-
-import datasets
-import evaluate
+from .local_metric import LocalMetric, caption_tokens
 
 
 BETA = 1.2
-_WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
 
 _DESCRIPTION = """ROUGE-L (Lin, 2004) as in the COCO caption toolkit: for a candidate c and references r_1..r_m,
 with LCS the longest common subsequence of the token lists,
@@ -27,11 +23,6 @@ Returns:
 """
 
 _CITATION = "Lin, 2004. ROUGE: A Package for Automatic Evaluation of Summaries. ACL workshop."
-
-
-def tokenize(text: str) -> list[str]:
-    """COCO-style caption tokens: lower case, punctuation dropped."""
-    return _WORD.findall(text.lower())
 
 
 def lcs_length(a: list[str], b: list[str]) -> int:
@@ -57,21 +48,18 @@ def rouge_l_score(candidate: list[str], references: list[list[str]], beta: float
     return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
-class RougeL(evaluate.Metric):
-    def _info(self) -> evaluate.MetricInfo:
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation=_CITATION,
-            inputs_description=_KWARGS_DESCRIPTION,
-            features=datasets.Features(
-                {"predictions": datasets.Value("string"), "references": datasets.List(datasets.Value("string"))}
-            ),
-            reference_urls=["https://github.com/tylin/coco-caption"],
-        )
-
+class RougeL(
+    LocalMetric,
+    description=_DESCRIPTION,
+    inputs_description=_KWARGS_DESCRIPTION,
+    citation=_CITATION,
+    reference_urls=("https://github.com/tylin/coco-caption",),
+):
     def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         if not predictions:
             raise ValueError("ROUGE-L needs at least one prediction")
-        scores = [rouge_l_score(tokenize(p), [tokenize(r) for r in refs]) for p, refs in zip(predictions, references)]
+        scores = [
+            rouge_l_score(caption_tokens(p), [caption_tokens(r) for r in refs])
+            for p, refs in zip(predictions, references)
+        ]
         return {"rouge_l": sum(scores) / len(scores)}
