@@ -584,21 +584,11 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         return self.model.memory.write(codes, weight * steps, memory_state)
 
     @torch.no_grad()
-    def forget_episodes(
-        self,
-        episode_input_ids: torch.LongTensor,
-        episode_attention_mask: torch.Tensor,
-        episode_pixel_values: torch.FloatTensor | None = None,
-        episode_mask: torch.Tensor | None = None,
-        *,
-        memory_state: MemoryState,
-    ) -> MemoryState:
-        """Remove from `memory_state` the steps (inputs as `write_episodes`) that a `write_episodes` of the same
-        inputs added: an exact undo, whatever was written in between, since every write addresses against the
-        prior (Larimar's selective forgetting). The same as `write_episodes(..., weight=-1, memory_state=...)`."""
-        return self.write_episodes(
-            episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask, -1.0, memory_state
-        )
+    def forget_episodes(self, memory_state: MemoryState, **episodes: torch.Tensor) -> MemoryState:
+        """Remove from `memory_state` the steps that a `write_episodes(**episodes)` added: an exact undo, whatever
+        was written in between, since every write addresses against the prior (Larimar's selective forgetting).
+        The same as `write_episodes(**episodes, weight=-1, memory_state=memory_state)`."""
+        return self.write_episodes(**episodes, weight=-1.0, memory_state=memory_state)
 
     @torch.no_grad()
     def memory_addresses(

@@ -1,3 +1,4 @@
 """Evaluation tooling (not shipped with saved models): the evaluation CLI (`cli.py`, run as
-`python -m microvlm.eval`), embedding and attention statistics (`analysis.py`), figures (`visualisation.py`), the
+`python -m microvlm.eval`), its typed results (`results.py`), embedding and attention statistics (`analysis.py`),
+figures (`visualisation.py`), the
 Markdown report (`report.py`) and the local `evaluate` metric scripts (`metrics/`)."""

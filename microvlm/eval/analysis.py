@@ -96,15 +96,9 @@ def epps_pulley_slices(
     return epps_pulley(x @ directions.double())
 
 
-def sliced_epps_pulley(
-    embeddings: torch.Tensor,
-    num_slices: int = 256,
-    seed: int = 0,
-    directions: torch.Tensor | None = None,
-    standardise: bool = True,
-) -> float:
+def sliced_epps_pulley(embeddings: torch.Tensor, *args, **kwargs) -> float:
     """Mean over slices of `epps_pulley_slices` (same arguments): LeJEPA's sliced statistic of X (N, D)."""
-    return float(epps_pulley_slices(embeddings, num_slices, seed, directions, standardise).mean())
+    return float(epps_pulley_slices(embeddings, *args, **kwargs).mean())
 
 
 def _null_statistics(

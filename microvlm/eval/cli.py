@@ -152,7 +152,7 @@ def forgotten_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[
     """The row's episode written, then its asked step forgotten (`forget_episodes`: an exact undo)."""
     written = ctx.model.write_episodes(**episodes(batch))
     asked = {**episodes(batch), "episode_mask": asked_step(batch)}
-    forgotten = ctx.model.forget_episodes(**asked, memory_state=written)
+    forgotten = ctx.model.forget_episodes(written, **asked)
     return {**prompts(batch), "use_memory": True, "memory_state": forgotten}
 
 
@@ -235,6 +235,11 @@ CONDITIONS = (
     Condition("recall", "after another episode is written on top", "recalls", memory=overwritten_memory),
     Condition("recall", "asked image in context (upper bound)", "asked images"),
 )
+
+
+def scored_keys(section: str) -> list[str]:
+    """The result keys of `section`'s conditions, in table order (e.g. the rows of the report's recall table)."""
+    return [key for condition in CONDITIONS if condition.section == section for key, _ in condition.scores]
 
 
 def batches(rows: list[dict], size: int, description: str):
@@ -557,54 +562,35 @@ def real_photo_captions(ctx: EvalContext) -> dict[str, Any] | None:
 
 def headline(results: EvalResults) -> list[HeadlineFigure]:
     """The figures of the model card's model-index, each with its baseline and chance level."""
-    captions, chance = results.captions, results.captions["chance"]["attributes"]
-    retrieval, qa, recall = results.retrieval, results.qa, results.recall
+    captions, qa, retrieval, recall = results.captions, results.qa, results.retrieval, results.recall
+    attribute_chance = sum(captions["chance"]["attributes"][n] for n in ATTRIBUTES) / len(ATTRIBUTES)
+
+    def held_out(name: str) -> float:
+        return captions[name]["attributes_held_out_pairs"]["mean"]
+
+    blank = "blank images"
+    r_at_1, r_at_1_chance = retrieval["model"]["image_to_text_r@1"], retrieval["chance"]["r@1"]
+    retrieval_name = f"image→text R@1 ({retrieval['candidates']} candidates)"
     return [
         HeadlineFigure(
             "captioning",
             "accuracy",
             "attribute accuracy, held-out pairs",
-            captions["model"]["attributes_held_out_pairs"]["mean"],
-            "blank images",
-            captions["blank images"]["attributes_held_out_pairs"]["mean"],
-            sum(chance[n] for n in ATTRIBUTES) / len(ATTRIBUTES),
+            held_out("model"),
+            blank,
+            held_out(blank),
+            attribute_chance,
         ),
         HeadlineFigure(
-            "captioning",
-            "bleu",
-            "BLEU-4",
-            captions["model"]["bleu"],
-            "blank images",
-            captions["blank images"]["bleu"],
-            None,
+            "captioning", "bleu", "BLEU-4", captions["model"]["bleu"], blank, captions[blank]["bleu"], None
         ),
         HeadlineFigure(
-            "captioning",
-            "cider",
-            "CIDEr-D",
-            captions["model"]["cider_d"],
-            "blank images",
-            captions["blank images"]["cider_d"],
-            None,
+            "captioning", "cider", "CIDEr-D", captions["model"]["cider_d"], blank, captions[blank]["cider_d"], None
         ),
         HeadlineFigure(
-            "question answering",
-            "exact_match",
-            "QA exact match",
-            qa["model"],
-            "blank images",
-            qa["blank images"],
-            qa["chance"],
+            "question answering", "exact_match", "QA exact match", qa["model"], blank, qa[blank], qa["chance"]
         ),
-        HeadlineFigure(
-            "retrieval",
-            "recall",
-            f"image→text R@1 ({retrieval['candidates']} candidates)",
-            retrieval["model"]["image_to_text_r@1"],
-            "chance",
-            retrieval["chance"]["r@1"],
-            retrieval["chance"]["r@1"],
-        ),
+        HeadlineFigure("retrieval", "recall", retrieval_name, r_at_1, "chance", r_at_1_chance, r_at_1_chance),
         HeadlineFigure(
             "episodic recall",
             "exact_match",

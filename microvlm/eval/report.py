@@ -12,6 +12,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..data.collator import MicroVLMCollator  # noqa: E402
+from .cli import scored_keys  # noqa: E402
 from .results import EvalResults  # noqa: E402
 from .visualisation import memory_addressing  # noqa: E402
 
@@ -182,18 +183,7 @@ def write_report(path: Path, results: EvalResults, plots: dict[str, str]) -> Non
         "| memory | exact match |",
         "|---|---|",
     ]
-    for name in (
-        "memory",
-        "no memory",
-        "empty memory",
-        "another episode's memory",
-        "after forgetting the asked image",
-        "after editing: the new image's answer",
-        "after editing: the old image's answer",
-        "after another episode is written on top",
-        "asked image in context (upper bound)",
-        "chance",
-    ):
+    for name in (*scored_keys("recall"), "chance"):
         lines.append(f"| {name} | {_pct(results.recall[name])} |")
     scope = results.scope
     lines += [

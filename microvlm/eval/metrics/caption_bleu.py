@@ -32,18 +32,10 @@ def reference_streams(references: list[list[str]]) -> list[list[str | None]]:
     return [[refs[i] if i < len(refs) else None for refs in references] for i in range(width)]
 
 
-class CaptionBleu(
-    LocalMetric,
-    description=_DESCRIPTION,
-    inputs_description=_KWARGS_DESCRIPTION,
-    citation=_CITATION,
-    reference_urls=("https://github.com/mjpost/sacrebleu",),
-):
-    def _compute(
+class CaptionBleu(LocalMetric, title="BLEU", reference_urls=("https://github.com/mjpost/sacrebleu",)):
+    def _score(
         self, predictions: list[str], references: list[list[str]], lowercase: bool = False, tokenize: str = "13a"
     ) -> dict[str, float]:
-        if not predictions:
-            raise ValueError("BLEU needs at least one prediction")
         bleu = sacrebleu.corpus_bleu(
             predictions, reference_streams(references), lowercase=lowercase, tokenize=tokenize
         )

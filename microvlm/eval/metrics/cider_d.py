@@ -4,7 +4,7 @@ import logging
 import math
 from collections import Counter
 
-from .local_metric import LocalMetric, caption_tokens
+from .local_metric import COCO_CAPTION_URLS, LocalMetric, caption_tokens
 
 
 MAX_N = 4
@@ -83,16 +83,8 @@ def cider_d_scores(
     return scores
 
 
-class CiderD(
-    LocalMetric,
-    description=_DESCRIPTION,
-    inputs_description=_KWARGS_DESCRIPTION,
-    citation=_CITATION,
-    reference_urls=("https://github.com/tylin/coco-caption",),
-):
-    def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-        if not predictions:
-            raise ValueError("CIDEr-D needs at least one prediction")
+class CiderD(LocalMetric, title="CIDEr-D", reference_urls=COCO_CAPTION_URLS):
+    def _score(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         scores = cider_d_scores(
             [caption_tokens(p) for p in predictions], [[caption_tokens(r) for r in refs] for refs in references]
         )

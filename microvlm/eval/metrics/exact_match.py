@@ -38,16 +38,8 @@ def normalise(text: str) -> str:
     return " ".join(ARTICLES.sub(" ", text).split())
 
 
-class ExactMatch(
-    LocalMetric,
-    description=_DESCRIPTION,
-    inputs_description=_KWARGS_DESCRIPTION,
-    citation=_CITATION,
-    features=ANSWER_FEATURES,
-):
-    def _compute(self, predictions: list[str], references: list[str] | list[list[str]]) -> dict[str, float]:
-        if not predictions:
-            raise ValueError("exact match needs at least one prediction")
+class ExactMatch(LocalMetric, title="exact match", features=ANSWER_FEATURES):
+    def _score(self, predictions: list[str], references: list[str] | list[list[str]]) -> dict[str, float]:
         hits = [
             normalise(p) in {normalise(r) for r in ([refs] if isinstance(refs, str) else refs)}
             for p, refs in zip(predictions, references)

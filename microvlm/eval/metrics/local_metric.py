@@ -4,12 +4,15 @@ folder), so every script stays loadable on its own by its path."""
 
 import abc
 import re
+import sys
 
 import datasets
 import evaluate
 
 
 _WORD = re.compile(r"[^\W_]+(?:['-][^\W_]+)*")
+
+COCO_CAPTION_URLS = ("https://github.com/tylin/coco-caption",)
 
 # One caption against one or more references.
 CAPTION_FEATURES = datasets.Features(
@@ -24,33 +27,33 @@ def caption_tokens(text: str) -> list[str]:
 
 
 class LocalMetric(evaluate.Metric, metaclass=abc.ABCMeta):
-    """An `evaluate.Metric` whose `MetricInfo` comes from its class keywords, e.g.
-    `class RougeL(LocalMetric, description=..., inputs_description=..., citation=..., reference_urls=[...])`;
-    `features` defaults to `CAPTION_FEATURES`. The description and inputs description are also its docstring.
-    Abstract (no `_compute`), so that `evaluate.load` takes the script's own class, not this one."""
+    """An `evaluate.Metric` described by its script's `_DESCRIPTION`, `_KWARGS_DESCRIPTION` and `_CITATION`
+    (evaluate's template names; the first two are also its docstring) and its class keywords: `title` (in
+    messages), `reference_urls` and `features` (default `CAPTION_FEATURES`), e.g.
+    `class RougeL(LocalMetric, title="ROUGE-L", reference_urls=COCO_CAPTION_URLS)`. Subclasses implement `_score`;
+    abstract itself, so that `evaluate.load` takes the script's own class, not this one."""
 
-    def __init_subclass__(
-        cls,
-        description: str = "",
-        inputs_description: str = "",
-        citation: str = "",
-        reference_urls: tuple[str, ...] = (),
-        features=CAPTION_FEATURES,
-        **kwargs,
-    ):
+    def __init_subclass__(cls, title: str, reference_urls=(), features=CAPTION_FEATURES, **kwargs):
         super().__init_subclass__(**kwargs)
+        script = sys.modules[cls.__module__]
+        cls.title = title
         cls.info_fields = {
-            "description": description,
-            "inputs_description": inputs_description,
-            "citation": citation,
+            "description": script._DESCRIPTION,
+            "inputs_description": script._KWARGS_DESCRIPTION,
+            "citation": script._CITATION,
             "reference_urls": list(reference_urls),
             "features": features,
         }
-        cls.__doc__ = description + inputs_description
+        cls.__doc__ = script._DESCRIPTION + script._KWARGS_DESCRIPTION
 
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(**self.info_fields)
 
-    @abc.abstractmethod
     def _compute(self, predictions: list[str], references: list, **kwargs) -> dict[str, float]:
-        """The metric's figures for `predictions` against `references`."""
+        if not predictions:
+            raise ValueError(f"{self.title} needs at least one prediction")
+        return self._score(predictions, references, **kwargs)
+
+    @abc.abstractmethod
+    def _score(self, predictions: list[str], references: list, **kwargs) -> dict[str, float]:
+        """The metric's figures for `predictions` (at least one) against `references`."""

@@ -6,7 +6,7 @@ import shutil
 
 from pycocoevalcap.meteor.meteor import Meteor
 
-from .local_metric import LocalMetric, caption_tokens
+from .local_metric import COCO_CAPTION_URLS, LocalMetric, caption_tokens
 
 
 _DESCRIPTION = """METEOR 1.5 (Denkowski and Lavie, 2014) as the COCO caption toolkit runs it: `java -jar
@@ -43,15 +43,9 @@ def scorer() -> Meteor:
 
 
 class CaptionMeteor(
-    LocalMetric,
-    description=_DESCRIPTION,
-    inputs_description=_KWARGS_DESCRIPTION,
-    citation=_CITATION,
-    reference_urls=("https://www.cs.cmu.edu/~alavie/METEOR/", "https://github.com/tylin/coco-caption"),
+    LocalMetric, title="METEOR", reference_urls=("https://www.cs.cmu.edu/~alavie/METEOR/", *COCO_CAPTION_URLS)
 ):
-    def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-        if not predictions:
-            raise ValueError("METEOR needs at least one prediction")
+    def _score(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         if any(len(refs) == 0 for refs in references):
             raise ValueError("every prediction needs at least one reference caption")
         candidates = {i: [tokenize(p)] for i, p in enumerate(predictions)}

@@ -1,6 +1,6 @@
 """ROUGE-L F-score of captions as computed by the COCO caption toolkit (pycocoevalcap), β = 1.2."""
 
-from .local_metric import LocalMetric, caption_tokens
+from .local_metric import COCO_CAPTION_URLS, LocalMetric, caption_tokens
 
 
 BETA = 1.2
@@ -48,16 +48,8 @@ def rouge_l_score(candidate: list[str], references: list[list[str]], beta: float
     return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
 
 
-class RougeL(
-    LocalMetric,
-    description=_DESCRIPTION,
-    inputs_description=_KWARGS_DESCRIPTION,
-    citation=_CITATION,
-    reference_urls=("https://github.com/tylin/coco-caption",),
-):
-    def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
-        if not predictions:
-            raise ValueError("ROUGE-L needs at least one prediction")
+class RougeL(LocalMetric, title="ROUGE-L", reference_urls=COCO_CAPTION_URLS):
+    def _score(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         scores = [
             rouge_l_score(caption_tokens(p), [caption_tokens(r) for r in refs])
             for p, refs in zip(predictions, references)
