@@ -189,11 +189,16 @@ def build_datasets(data_args: DataArguments, config: MicroVLMConfig, seed: int):
     return SkipBadSamples(train), None
 
 
-def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: str | None = None) -> MicroVLMTrainer:
-    """Everything a stage needs, ready to `train()`: model, processor, data, collator, callbacks."""
+def build_trainer(
+    stage: str, argv: list[str], recipe: str | None, init_from: str | None = None, stage_folder: bool = False
+) -> MicroVLMTrainer:
+    """Everything a stage needs, ready to `train()`: model, processor, data, collator, callbacks. The command line
+    is parsed here, once, over the stage's defaults; with `stage_folder` the stage writes to `<output_dir>/<stage>`."""
     model_args, data_args, run_args, training_args = parse(argv, stage, recipe)
     if init_from is not None:
         model_args.init_from = init_from
+    if stage_folder:
+        training_args.output_dir = str(Path(training_args.output_dir) / stage)
     set_seed(training_args.seed)
     model = build_model(model_args, training_args)
     processor = build_processor(model_args)
@@ -224,9 +229,11 @@ def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: st
     )
 
 
-def run_stage(stage: str, argv: list[str], recipe: str | None, init_from: str | None = None) -> str:
-    """Train one stage and save its final model + processor; returns the output folder."""
-    trainer = build_trainer(stage, argv, recipe, init_from)
+def run_stage(
+    stage: str, argv: list[str], recipe: str | None, init_from: str | None = None, stage_folder: bool = False
+) -> str:
+    """Train one stage (see `build_trainer`) and save its final model + processor; returns the output folder."""
+    trainer = build_trainer(stage, argv, recipe, init_from, stage_folder)
     trainer.train(resume_from_checkpoint=trainer.args.resume_from_checkpoint)
     skipped = getattr(trainer.train_dataset, "skipped", None)
     if skipped:
@@ -243,12 +250,12 @@ def main(argv: list[str] | None = None) -> list[str]:
     """Run the requested stage(s); returns the output folder of each."""
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    _, _, run_args, training_args = parse(argv, "stage1", None)
+    # Only which stages and which recipe: each stage parses everything over its own defaults (`build_trainer`).
+    parser = HfArgumentParser(RunArguments, add_help=False)
+    run_args, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if run_args.stage not in (*STAGES, "both"):
         raise ValueError(f"--stage must be stage1, stage2 or both, got {run_args.stage!r}")
     if run_args.stage != "both":
         return [run_stage(run_args.stage, argv, run_args.recipe)]
-    root = Path(training_args.output_dir)
-    first = run_stage("stage1", [*argv, "--output_dir", str(root / "stage1")], run_args.recipe)
-    second = run_stage("stage2", [*argv, "--output_dir", str(root / "stage2")], run_args.recipe, init_from=first)
-    return [first, second]
+    first = run_stage("stage1", argv, run_args.recipe, stage_folder=True)
+    return [first, run_stage("stage2", argv, run_args.recipe, init_from=first, stage_folder=True)]
