@@ -125,17 +125,22 @@ def asked_step(batch: Inputs) -> torch.Tensor:
 MemorySetup = Callable[[EvalContext, Inputs, list[dict]], dict[str, Any]]
 
 
+def reading(batch: Inputs, memory_state) -> dict[str, Any]:
+    """The batch's prompts, reading `memory_state` (one memory, or one per row)."""
+    return {**prompts(batch), "use_memory": True, "memory_state": memory_state}
+
+
 def memory_off(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
     return {**prompts(batch), "use_memory": False}
 
 
 def written_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
     """The first recall episode's memory, read by rows it does not concern (ScopeNet should keep them out)."""
-    return {**prompts(batch), "use_memory": True, "memory_state": ctx.written}
+    return reading(batch, ctx.written)
 
 
 def empty_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
-    return {**prompts(batch), "use_memory": True, "memory_state": ctx.empty}
+    return reading(batch, ctx.empty)
 
 
 def own_episode(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
@@ -152,8 +157,7 @@ def forgotten_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[
     """The row's episode written, then its asked step forgotten (`forget_episodes`: an exact undo)."""
     written = ctx.model.write_episodes(**episodes(batch))
     asked = {**episodes(batch), "episode_mask": asked_step(batch)}
-    forgotten = ctx.model.forget_episodes(written, **asked)
-    return {**prompts(batch), "use_memory": True, "memory_state": forgotten}
+    return reading(batch, ctx.model.forget_episodes(written, **asked))
 
 
 def edited_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
@@ -162,21 +166,13 @@ def edited_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str
     forgotten = forgotten_memory(ctx, batch, rows)["memory_state"]
     edited = MicroVLMCollator(ctx.processor, with_episodes=True, prompts_only=True)([row["edited"] for row in rows])
     replacement = {**episodes(edited), "episode_mask": asked_step(batch)}
-    return {
-        **prompts(batch),
-        "use_memory": True,
-        "memory_state": ctx.model.write_episodes(**replacement, memory_state=forgotten),
-    }
+    return reading(batch, ctx.model.write_episodes(**replacement, memory_state=forgotten))
 
 
 def overwritten_memory(ctx: EvalContext, batch: Inputs, rows: list[dict]) -> dict[str, Any]:
     """The row's episode written, then the next row's episode written on top of it."""
     written = ctx.model.write_episodes(**episodes(batch))
-    return {
-        **prompts(batch),
-        "use_memory": True,
-        "memory_state": ctx.model.write_episodes(**rolled(episodes(batch)), memory_state=written),
-    }
+    return reading(batch, ctx.model.write_episodes(**rolled(episodes(batch)), memory_state=written))
 
 
 def blank(pixels: torch.Tensor) -> torch.Tensor:
