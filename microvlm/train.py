@@ -16,7 +16,8 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from .callbacks import GradientFlowCallback, MemoryCheckpointCallback, VisualisationCallback, group_of
+from .callbacks import (GradientFlowCallback, MemoryCheckpointCallback, QuantisationWarmupCallback, VisualisationCallback,
+                        group_of)
 from .configuration_microvlm import MicroVLMConfig
 from .data.collator import MicroVLMCollator
 from .modeling_microvlm import MicroVLMForCausalLM
@@ -27,7 +28,7 @@ from .trainer import MicroVLMTrainer
 logger = logging.getLogger("microvlm.train")
 
 CONFIGS_DIR = Path(__file__).parent / "configs"
-STAGES = ("stage1", "stage2")
+STAGES = ("stage1", "stage2", "quantized")
 
 
 @dataclass
@@ -44,6 +45,9 @@ class ModelArguments:
     trainable_lm_layers: int = field(default=0, metadata={"help": "also train the last N decoder layers of the LM"})
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 4-bit frozen vision tower and LM (bitsandbytes)"})
     lora_rank: int = field(default=0, metadata={"help": "QLoRA on the LM's seven projections with this rank (0: off)"})
+    lm_use_bitnet: bool = field(default=False, metadata={"help": "BitNet b1.58 QAT of the LM's seven projections"})
+    memory_use_bitnet: bool = field(default=False, metadata={"help": "BitNet b1.58 ternary W_M and ScopeNet"})
+    bitnet_warmup_steps: int = field(default=0, metadata={"help": "BitNet λ: full precision → ternary over N steps"})
 
 
 @dataclass
@@ -65,7 +69,7 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
-    stage: str = field(default="stage1", metadata={"help": "stage1, stage2 or both"})
+    stage: str = field(default="stage1", metadata={"help": "stage1, stage2, quantized (BitNet QAT) or both (1 then 2)"})
     recipe: str | None = field(default=None, metadata={"help": "named recipe in configs/: demo, test"})
     gradient_flow_steps: int = field(default=50, metadata={"help": "log gradient flow every N steps"})
     visualisation_steps: int = field(default=200, metadata={"help": "draw attention/addressing/similarity every N steps"})
@@ -177,6 +181,7 @@ def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: st
         model_args.init_from = init_from
     set_seed(training_args.seed)
     model = build_model(model_args, training_args)
+    model.enable_bitnet(model_args.lm_use_bitnet, model_args.memory_use_bitnet)
     processor = build_processor(model_args)
     groups = [g.strip() for g in model_args.train_groups.split(",")]
     counts = freeze_for_stage(model, groups, model_args.trainable_lm_layers)
@@ -195,6 +200,7 @@ def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: st
         GradientFlowCallback(run_args.gradient_flow_steps),
         VisualisationCallback(probe_batch, run_args.visualisation_steps),
         MemoryCheckpointCallback(),
+        QuantisationWarmupCallback(model_args.bitnet_warmup_steps),
     ]
     return MicroVLMTrainer(
         model=model,
@@ -228,7 +234,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     _, _, run_args, training_args = parse(argv, "stage1", None)
     if run_args.stage not in (*STAGES, "both"):
-        raise ValueError(f"--stage must be stage1, stage2 or both, got {run_args.stage!r}")
+        raise ValueError(f"--stage must be stage1, stage2, quantized or both, got {run_args.stage!r}")
     if run_args.stage != "both":
         return [run_stage(run_args.stage, argv, run_args.recipe)]
     root = Path(training_args.output_dir)
