@@ -2,6 +2,7 @@
 
 import logging
 import sys
+from pathlib import Path
 from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
@@ -9,6 +10,7 @@ from transformers import HfArgumentParser
 from ..modeling_microvlm import MicroVLMForCausalLM
 from ..processing_microvlm import MicroVLMProcessor
 from .exporter import WeightFormats, write_export
+from .vocabulary import coverage, kept_token_ids, trim_embedding, trim_tokenizer
 
 logger = logging.getLogger("microvlm.export")
 
@@ -17,6 +19,12 @@ logger = logging.getLogger("microvlm.export")
 class ExportArguments:
     model_dir: str | None = field(default=None, metadata={"help": "a saved MicroVLM folder (training form)"})
     output_dir: str | None = field(default=None, metadata={"help": "where to write the packed folder"})
+    keep_vocab: int | None = field(default=None, metadata={"help": "trim the vocabulary to the N tokens a corpus uses"})
+    corpus_file: str | None = field(
+        default=None,
+        metadata={"help": "--keep_vocab corpus, one text per line; its last tenth is held out (default: the built-in "
+                          "shapes set, train split kept from, validation split held out)"},
+    )
     report: bool = field(default=False, metadata={"help": "print the size table at 'microvlm-v' dims instead"})
     report_dir: str = field(default="outputs/size_report", metadata={"help": "--report: where its folders go"})
 
@@ -33,7 +41,34 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.model_dir and args.output_dir):
         parser.error("give --model_dir and --output_dir (or --report)")
     model = MicroVLMForCausalLM.from_pretrained(args.model_dir).eval()
-    write_export(model, MicroVLMProcessor.from_pretrained(args.model_dir), args.output_dir, formats)
+    processor = MicroVLMProcessor.from_pretrained(args.model_dir)
+    if args.keep_vocab:
+        processor = trim_vocabulary(model, processor, args.keep_vocab, *corpus(args, model))
+    write_export(model, processor, args.output_dir, formats)
+
+
+def corpus(args: ExportArguments, model: MicroVLMForCausalLM) -> tuple[list[str], list[str]]:
+    """(texts to keep tokens from, held-out texts) for `--keep_vocab`."""
+    if args.corpus_file:
+        lines = [line for line in Path(args.corpus_file).read_text().splitlines() if line.strip()]
+        return lines[: len(lines) * 9 // 10], lines[len(lines) * 9 // 10 :]
+    from ..data.synthetic_shapes import build_synthetic_dataset
+
+    splits = build_synthetic_dataset(2000, 500, 0, image_size=model.config.vision_config.image_size)
+    texts = {name: [text for row in rows for text in (row["text"], row.get("answer")) if text]
+             for name, rows in splits.items()}
+    return texts["train"], texts["validation"]
+
+
+def trim_vocabulary(model, processor, keep_vocab: int, texts: list[str], held_out: list[str]) -> MicroVLMProcessor:
+    """Trim model and tokenizer to the kept tokens of `texts` (see `vocabulary.py`); logs the held-out coverage."""
+    keep_ids = kept_token_ids(processor.tokenizer, texts, keep_vocab)
+    tokenizer = trim_tokenizer(processor.tokenizer, keep_ids)
+    trim_embedding(model, keep_ids)
+    logger.info("vocabulary: %d → %d tokens; held-out texts (%d): %s", len(processor.tokenizer), len(keep_ids),
+                len(held_out), coverage(processor.tokenizer, tokenizer, held_out))
+    return MicroVLMProcessor(processor.image_processor, tokenizer, image_token=processor.image_token,
+                             num_image_tokens=processor.num_image_tokens, chat_template=processor.chat_template)
 
 
 if __name__ == "__main__":
