@@ -13,6 +13,7 @@ from microvlm import MicroVLMConfig, MicroVLMForCausalLM, MicroVLMProcessor
 from microvlm.bitnet import BitLinear, set_quantisation_strength
 from microvlm.callbacks import QuantisationWarmupCallback
 from microvlm.export import WeightFormats, write_export
+from microvlm.export.vocabulary import coverage, kept_token_ids, trim_embedding, trim_tokenizer
 from microvlm.packed_weights import Int4Weight, Int8Weight, PackedBitLinear
 from microvlm.train import main
 
@@ -184,3 +185,27 @@ def test_truncated_or_corrupt_packed_file_fails_naming_the_tensor(tmp_path):
     save_file(tensors, weights, metadata={"format": "pt"})
     with pytest.raises(ValueError, match=f"{name} holds the code 3"):
         MicroVLMForCausalLM.from_pretrained(tmp_path)
+
+
+@torch.no_grad()
+def test_vocabulary_trimming_keeps_encodings_of_kept_text_and_the_logits_of_kept_tokens(tiny_model, tiny_config):
+    tokenizer = MicroVLMProcessor.from_preset("tiny").tokenizer
+    texts = ["three yellow diamonds on the right", "what colour are the shapes?", "one red circle"]
+    keep = kept_token_ids(tokenizer, texts, 48)
+    assert {0, 1, 2, 3} <= set(keep) and len(keep) >= 48
+    trimmed = trim_tokenizer(tokenizer, keep)
+    assert len(trimmed) == len(keep)
+    for text in texts:
+        before, after = tokenizer(text)["input_ids"], trimmed(text)["input_ids"]
+        assert [keep[index] for index in after] == before  # same tokens, renumbered
+    assert coverage(tokenizer, trimmed, texts) == {"without_unknowns": 1.0, "same_tokens": 1.0}
+
+    model = copy.deepcopy(tiny_model)
+    trim_embedding(model, keep)
+    assert model.config.image_token_id == keep.index(tiny_config.image_token_id)
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    inputs = make_inputs(tiny_config, [4, 2])
+    ids = inputs["input_ids"] % len(keep)
+    original = tiny_model(**{**inputs, "input_ids": torch.tensor(keep)[ids]}).logits
+    renumbered = {**inputs, "input_ids": torch.where(ids == keep.index(3), model.config.image_token_id, ids)}
+    torch.testing.assert_close(model(**renumbered).logits, original[..., keep])
