@@ -184,7 +184,8 @@ def convert_linear_to_bitlinear(
 
 def convert_language_model_to_bitlinear(language_model: nn.Module, activation_bits: int | None = 8) -> int:
     """`convert_linear_to_bitlinear` on the `LANGUAGE_MODEL_PROJECTIONS` layers of a decoder; returns the count."""
-    names = [name for name, _ in language_model.named_modules() if name.rpartition(".")[2] in LANGUAGE_MODEL_PROJECTIONS]
+    names = [name for name, _ in language_model.named_modules()
+             if name.rpartition(".")[2] in LANGUAGE_MODEL_PROJECTIONS]
     return convert_linear_to_bitlinear(language_model, names, activation_bits)
 
 

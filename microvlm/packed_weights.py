@@ -2,7 +2,8 @@
 rebuilds before transformers loads the packed tensors.
 
 `config.weight_formats` = {"lm_body": f, "embedding": f, "vision": f, "rest": f, "group_size": G, "tied_lm_head": t}
-names the form of each component's matrices (every floating parameter with ≥ 2 dims; biases, norms and scalars stay float32):
+names the form of each component's matrices (every floating parameter with ≥ 2 dims; biases, norms and scalars
+stay float32):
 
 * "ternary" (LM body only): every `BitLinear` becomes a `PackedBitLinear`, whose buffers are transformers' BitNet
   tensors: `weight` uint8 (ceil(out / 4), in) in `bitnet.pack_ternary`'s layout, `weight_scale` float32 (1,) = g
@@ -35,7 +36,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .bitnet import BitLinear, quantise_activations, ternary_codes, pack_ternary, unpack_ternary
+from .bitnet import BitLinear, pack_ternary, quantise_activations, ternary_codes, unpack_ternary
 
 COMPONENT_FORMATS = {
     "lm_body": ("ternary", "fp32", "fp16", "int8", "int4"),

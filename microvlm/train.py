@@ -16,8 +16,8 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from .callbacks import (GradientFlowCallback, MemoryCheckpointCallback, QuantisationWarmupCallback, VisualisationCallback,
-                        group_of)
+from .callbacks import (GradientFlowCallback, MemoryCheckpointCallback, QuantisationWarmupCallback,
+                        VisualisationCallback, group_of)
 from .configuration_microvlm import MicroVLMConfig
 from .data.collator import MicroVLMCollator
 from .modeling_microvlm import MicroVLMForCausalLM
@@ -69,7 +69,7 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
-    stage: str = field(default="stage1", metadata={"help": "stage1, stage2, quantized (BitNet QAT) or both (1 then 2)"})
+    stage: str = field(default="stage1", metadata={"help": "stage1, stage2, quantized (BitNet QAT) or both"})
     recipe: str | None = field(default=None, metadata={"help": "named recipe in configs/: demo, test"})
     gradient_flow_steps: int = field(default=50, metadata={"help": "log gradient flow every N steps"})
     visualisation_steps: int = field(default=200, metadata={"help": "draw attention/addressing/similarity every N steps"})

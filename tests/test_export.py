@@ -34,7 +34,8 @@ model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eva
 with torch.no_grad():
     logits = model(**inputs).logits
 generated = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
-torch.save({"logits": logits, "generated": generated, "body": type(model.model.language_model.layers[0].mlp.up_proj).__name__}, result_file)
+body = type(model.model.language_model.layers[0].mlp.up_proj).__name__
+torch.save({"logits": logits, "generated": generated, "body": body}, result_file)
 """
 
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import HfArgumentParser
 
+from ..data.collator import episode_step_text, prompt_and_target
 from ..modeling_microvlm import MicroVLMForCausalLM
 from ..processing_microvlm import MicroVLMProcessor
 from .exporter import WeightFormats, write_export
@@ -19,7 +20,7 @@ logger = logging.getLogger("microvlm.export")
 class ExportArguments:
     model_dir: str | None = field(default=None, metadata={"help": "a saved MicroVLM folder (training form)"})
     output_dir: str | None = field(default=None, metadata={"help": "where to write the packed folder"})
-    keep_vocab: int | None = field(default=None, metadata={"help": "trim the vocabulary to the N tokens a corpus uses"})
+    keep_vocab: int | None = field(default=None, metadata={"help": "keep the N tokens a corpus uses (and specials)"})
     corpus_file: str | None = field(
         default=None,
         metadata={"help": "--keep_vocab corpus, one text per line; its last tenth is held out (default: the built-in "
@@ -55,9 +56,15 @@ def corpus(args: ExportArguments, model: MicroVLMForCausalLM) -> tuple[list[str]
     from ..data.synthetic_shapes import build_synthetic_dataset
 
     splits = build_synthetic_dataset(2000, 500, 0, image_size=model.config.vision_config.image_size)
-    texts = {name: [text for row in rows for text in (row["text"], row.get("answer")) if text]
-             for name, rows in splits.items()}
+    texts = {name: [text for row in rows for text in sample_texts(row)] for name, rows in splits.items()}
     return texts["train"], texts["validation"]
+
+
+def sample_texts(sample: dict) -> list[str]:
+    """The strings the collator tokenises for a sample: prompt, target (after a space) and episode steps."""
+    prompt, target, _ = prompt_and_target(sample)
+    steps = [episode_step_text(index, caption) for index, caption in enumerate(sample["episode_captions"])]
+    return [text for text in (prompt, (" " if prompt else "") + target, *steps) if text]
 
 
 def trim_vocabulary(model, processor, keep_vocab: int, texts: list[str], held_out: list[str]) -> MicroVLMProcessor:

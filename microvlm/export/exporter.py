@@ -46,7 +46,8 @@ def write_export(
         logger.warning("export: the LM body was not trained ternary (lm_use_bitnet is off): post-training "
                        "ternarisation without QAT, expect a loss of fidelity")
         model.enable_bitnet(language_model=True)
-    values["tied_lm_head"] = model.lm_head.weight is model.get_input_embeddings().weight and formats.embedding != "fp32"
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    values["tied_lm_head"] = tied and formats.embedding != "fp32"
     apply_weight_formats(model, values)
     model.config.weight_formats = values
     if values["tied_lm_head"]:

@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> str:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     pairs = [item.split("=", 1) for item in (sys.argv[1:] if argv is None else argv)]
     if len(pairs) < 2 or any(len(pair) != 2 for pair in pairs):
-        raise SystemExit("usage: python -m microvlm.export.fidelity NAME=eval_results.json NAME=... (first: reference)")
+        raise SystemExit("usage: python -m microvlm.export.fidelity NAME=eval_results.json ... (first: reference)")
     table = fidelity_table({name: json.loads(Path(path).read_text()) for name, path in pairs})
     logger.info("fidelity (points from %s; ✗ beyond %.0f):\n%s", pairs[0][0], GOAL_POINTS, table)
     return table

@@ -63,7 +63,8 @@ def build(bitnet: bool) -> MicroVLMForCausalLM:
 def trimmed(model: MicroVLMForCausalLM) -> MicroVLMForCausalLM:
     """The first `TRIMMED_VOCAB` ids plus the config's special ids: the size a trimmed vocabulary takes (Qwen's
     tokenizer cannot be fetched offline, so which tokens are kept is not measured here)."""
-    specials = {model.config.image_token_id, model.config.text_config.bos_token_id, model.config.text_config.eos_token_id}
+    text = model.config.text_config
+    specials = {model.config.image_token_id, text.bos_token_id, text.eos_token_id}
     trim_embedding(model, sorted(set(range(TRIMMED_VOCAB - len(specials))) | specials))
     return model
 
