@@ -210,3 +210,37 @@ def test_vocabulary_trimming_keeps_encodings_of_kept_text_and_the_logits_of_kept
     original = tiny_model(**{**inputs, "input_ids": torch.tensor(keep)[ids]}).logits
     renumbered = {**inputs, "input_ids": torch.where(ids == keep.index(3), model.config.image_token_id, ids)}
     torch.testing.assert_close(model(**renumbered).logits, original[..., keep])
+
+
+def test_export_cli_with_vocabulary_trimming_writes_a_consistent_folder(tiny_model, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoProcessor
+
+    from microvlm.export.__main__ import main as export
+
+    tiny_model.save_pretrained(tmp_path / "trained")
+    MicroVLMProcessor.from_preset("tiny").save_pretrained(tmp_path / "trained")
+    corpus = ["one red circle on the left", "two blue squares", "what colour are the shapes?", " red"] * 5
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus))
+    export(["--model_dir", str(tmp_path / "trained"), "--output_dir", str(tmp_path / "out"), "--keep_vocab", "40",
+            "--corpus_file", str(tmp_path / "corpus.txt")])
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
+    vocab = model.config.text_config.vocab_size
+    assert vocab == len(processor.tokenizer) < 2048 and model.config.weight_formats["lm_body"] == "ternary"
+    assert processor.image_token_id == model.config.image_token_id
+    inputs = processor(images=[torch.zeros(64, 64, 3).numpy()], text=["what colour are the shapes?"])
+    tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+    assert tokens.shape[1] == inputs["input_ids"].shape[1] + 3 and int(tokens.max()) < vocab
+
+
+def test_fidelity_table_gives_points_from_the_reference_and_marks_the_goal():
+    from microvlm.export.fidelity import fidelity_table
+
+    def results(attributes: float, qa: float) -> dict:
+        captions = {"attributes": {"mean": attributes}, "attributes_held_out_pairs": {"mean": 0.5}}
+        return {"captions": {"model": captions}, "qa": {"model": qa}, "recall": {"memory": 0.8},
+                "retrieval": {"model": {"image_to_text_r@1": 0.9}}}
+
+    table = fidelity_table({"fp": results(0.90, 0.80), "qat": results(0.87, 0.70)})
+    assert "| caption attributes, mean | 90.0% | 87.0% (-3.0) |" in table
+    assert "| question exact match | 80.0% | 70.0% (-10.0 ✗) |" in table
