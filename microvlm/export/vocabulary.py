@@ -73,7 +73,8 @@ def trim_embedding(model, keep_ids: list[int]) -> None:
     index = torch.tensor(keep_ids)
     embedding = model.get_input_embeddings()
     tied = model.lm_head.weight is embedding.weight
-    model.set_input_embeddings(nn.Embedding.from_pretrained(embedding.weight[index].clone(), freeze=False))
+    padding = new_id.get(embedding.padding_idx) if embedding.padding_idx is not None else None
+    model.set_input_embeddings(nn.Embedding.from_pretrained(embedding.weight[index].clone(), False, padding))
     head = nn.Linear(model.lm_head.in_features, len(keep_ids), bias=False)
     head.weight = model.get_input_embeddings().weight if tied else nn.Parameter(model.lm_head.weight[index].clone())
     model.lm_head = head
