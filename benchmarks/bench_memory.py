@@ -56,9 +56,11 @@ def main() -> None:
 
     write, read = episode_cost(config.memory_num_slots, config.memory_key_dim)
     print(f"LM forward (B={args.batch}, seq {args.seq}, Qwen2.5-0.5B dims): {lm_time * 1e3:.1f} ms")
-    print(f"memory write+read (E={args.episode}, B={args.batch}, K={config.memory_num_slots}, "
-          f"codes of {MemoryEncoder(text.hidden_size, config.memory_key_dim).code_dim} with a {config.memory_key_dim}-dim key): "
-          f"{(write + read) * 1e3:.1f} ms = {(write + read) / lm_time:.3f} x LM forward")
+    print(
+        f"memory write+read (E={args.episode}, B={args.batch}, K={config.memory_num_slots}, "
+        f"codes of {MemoryEncoder(text.hidden_size, config.memory_key_dim).code_dim} with a {config.memory_key_dim}-dim key): "
+        f"{(write + read) * 1e3:.1f} ms = {(write + read) / lm_time:.3f} x LM forward"
+    )
     print(f"{'K':>6} | write ms | read ms | write / write(K=128)")
     base = None
     for slots in (128, 256, 512, 1024):

@@ -38,9 +38,14 @@ def inputs_for(config: MicroVLMConfig, batch: int, seq: int, episode: int) -> di
     episode_ids = torch.randint(10, min(vocab, 2000), (batch, episode, k + 12))
     episode_ids[..., :k] = config.image_token_id
     return {
-        "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids, "pixel_values": torch.randn(batch, 3, size, size),
-        "episode_input_ids": episode_ids, "episode_attention_mask": torch.ones_like(episode_ids),
-        "episode_pixel_values": torch.randn(batch, episode, 3, size, size), "episode_mask": torch.ones(batch, episode),
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids,
+        "pixel_values": torch.randn(batch, 3, size, size),
+        "episode_input_ids": episode_ids,
+        "episode_attention_mask": torch.ones_like(episode_ids),
+        "episode_pixel_values": torch.randn(batch, episode, 3, size, size),
+        "episode_mask": torch.ones(batch, episode),
     }
 
 
@@ -52,7 +57,9 @@ def main() -> None:
     parser.add_argument("--episode", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    print(f"{'preset':>11} | MicroVLM step s | Qwen2 step s | ratio   (B={args.batch}, seq {args.seq} incl. prefix, episode {args.episode})")
+    print(
+        f"{'preset':>11} | MicroVLM step s | Qwen2 step s | ratio   (B={args.batch}, seq {args.seq} incl. prefix, episode {args.episode})"
+    )
     for name in args.presets.split(","):
         torch.manual_seed(0)
         config = MicroVLMConfig.from_preset(name, use_memory=True)

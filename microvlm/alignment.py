@@ -27,8 +27,12 @@ def equal_sequences(ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (compact.unsqueeze(1) == compact.unsqueeze(0)).all(-1)
 
 
-def info_nce(image_embeds: torch.Tensor, text_embeds: torch.Tensor, logit_scale: torch.Tensor,
-             positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def info_nce(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    logit_scale: torch.Tensor,
+    positives: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Bidirectional, target-aware InfoNCE.
 
     image_embeds, text_embeds: (B, D), row i of each is a pair; logit_scale = 1/τ (scalar); positives: (B, B) bool,
@@ -63,8 +67,13 @@ class MicroVLMAlignmentHead(nn.Module):
             torch.tensor(self.initial_log_logit_scale), requires_grad=config.alignment_learnable_temperature
         )
 
-    def forward(self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor,
-                positives: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        image_embeds: torch.Tensor,
+        text_embeds: torch.Tensor,
+        text_mask: torch.Tensor,
+        positives: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """image_embeds (B, alignment_input_size), text_embeds (B, T, D), text_mask (B, T), positives (B, B) bool
         or None (see `info_nce`) → (InfoNCE loss, logits (B, B))."""
         # exp(log) keeps a learnable temperature positive; clamp like CLIP so it cannot blow up.

@@ -69,8 +69,13 @@ def centre_and_scale(embeddings: torch.Tensor) -> torch.Tensor:
     return x / scale.clamp(min=1e-12)
 
 
-def epps_pulley_slices(embeddings: torch.Tensor, num_slices: int = 256, seed: int = 0,
-                       directions: torch.Tensor | None = None, standardise: bool = True) -> torch.Tensor:
+def epps_pulley_slices(
+    embeddings: torch.Tensor,
+    num_slices: int = 256,
+    seed: int = 0,
+    directions: torch.Tensor | None = None,
+    standardise: bool = True,
+) -> torch.Tensor:
     """Epps–Pulley statistic (S,) of X (N, D) projected on each of S unit directions.
 
     `directions` (D, S) overrides `num_slices`/`seed` (default: `unit_directions(D, num_slices, seed)`).
@@ -90,34 +95,57 @@ def epps_pulley_slices(embeddings: torch.Tensor, num_slices: int = 256, seed: in
     return epps_pulley(x @ directions.double())
 
 
-def sliced_epps_pulley(embeddings: torch.Tensor, num_slices: int = 256, seed: int = 0,
-                       directions: torch.Tensor | None = None, standardise: bool = True) -> float:
+def sliced_epps_pulley(
+    embeddings: torch.Tensor,
+    num_slices: int = 256,
+    seed: int = 0,
+    directions: torch.Tensor | None = None,
+    standardise: bool = True,
+) -> float:
     """Mean over slices of `epps_pulley_slices` (same arguments): LeJEPA's sliced statistic of X (N, D)."""
     return float(epps_pulley_slices(embeddings, num_slices, seed, directions, standardise).mean())
 
 
-def _null_statistics(n: int, dim: int, directions: torch.Tensor, repeats: int, seed: int,
-                     standardise: bool) -> torch.Tensor:
+def _null_statistics(
+    n: int, dim: int, directions: torch.Tensor, repeats: int, seed: int, standardise: bool
+) -> torch.Tensor:
     """(repeats,) sliced statistics of standard Gaussian samples (n, dim), drawn from a generator seeded with
     `seed + 1` (the directions use `seed`)."""
     if repeats < 1:
         raise ValueError(f"the null needs at least one repeat, got {repeats}")
     generator = torch.Generator().manual_seed(seed + 1)
-    return torch.tensor([
-        sliced_epps_pulley(torch.randn(n, dim, generator=generator, dtype=torch.float64), directions=directions,
-                           standardise=standardise)
-        for _ in range(repeats)
-    ], dtype=torch.float64)
+    return torch.tensor(
+        [
+            sliced_epps_pulley(
+                torch.randn(n, dim, generator=generator, dtype=torch.float64),
+                directions=directions,
+                standardise=standardise,
+            )
+            for _ in range(repeats)
+        ],
+        dtype=torch.float64,
+    )
 
 
 def _summarise_null(values: torch.Tensor) -> dict[str, float | int]:
     """Mean, std, 95% quantile (linear interpolation) and count of null statistics."""
-    return {"mean": float(values.mean()), "std": float(values.std()) if len(values) > 1 else 0.0,
-            "q95": float(values.quantile(0.95)), "repeats": len(values)}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()) if len(values) > 1 else 0.0,
+        "q95": float(values.quantile(0.95)),
+        "repeats": len(values),
+    }
 
 
-def epps_pulley_null(n: int, dim: int, num_slices: int = 256, repeats: int = 50, seed: int = 0,
-                     directions: torch.Tensor | None = None, standardise: bool = True) -> dict[str, float | int]:
+def epps_pulley_null(
+    n: int,
+    dim: int,
+    num_slices: int = 256,
+    repeats: int = 50,
+    seed: int = 0,
+    directions: torch.Tensor | None = None,
+    standardise: bool = True,
+) -> dict[str, float | int]:
     """Monte-Carlo null of `sliced_epps_pulley`: the statistic of `repeats` standard Gaussian samples (n, dim)
     through the same directions (from `seed`, or `directions`) and the same standardisation, the samples from
     a generator seeded with `seed + 1`. Returns mean, std, 95% quantile (linear interpolation) and repeats."""
@@ -126,8 +154,9 @@ def epps_pulley_null(n: int, dim: int, num_slices: int = 256, repeats: int = 50,
     return _summarise_null(_null_statistics(n, dim, directions, repeats, seed, standardise))
 
 
-def gaussianity_report(embeddings: torch.Tensor, num_slices: int = 256, seed: int = 0, repeats: int = 50,
-                       standardise: bool = True) -> dict:
+def gaussianity_report(
+    embeddings: torch.Tensor, num_slices: int = 256, seed: int = 0, repeats: int = 50, standardise: bool = True
+) -> dict:
     """The sliced statistic of X (N, D) beside its null, for a report: statistic (mean over slices),
     slice_max (the worst direction), null {mean, std, q95, repeats} as `epps_pulley_null`, p_value =
     (1 + #{null ≥ statistic}) / (1 + repeats) from the same null draws, n, dim, num_slices and standardise."""
@@ -141,7 +170,10 @@ def gaussianity_report(embeddings: torch.Tensor, num_slices: int = 256, seed: in
         "slice_max": float(slices.max()),
         "null": _summarise_null(null),
         "p_value": (1 + int((null >= statistic).sum())) / (1 + repeats),
-        "n": n, "dim": dim, "num_slices": num_slices, "standardise": standardise,
+        "n": n,
+        "dim": dim,
+        "num_slices": num_slices,
+        "standardise": standardise,
     }
 
 
@@ -233,14 +265,19 @@ def _expected_hits(similarity: torch.Tensor, correct: torch.Tensor, k: int) -> t
     tied_right = ((sim == best) & correct).sum(-1).double()
     free = (k - above).clamp(min=0)
     m = torch.minimum(free, tied_wrong)  # only used where free ≤ tied_wrong
-    log_miss = (torch.lgamma(tied_wrong + 1) - torch.lgamma(tied_wrong - m + 1)
-                - torch.lgamma(tied_wrong + tied_right + 1) + torch.lgamma(tied_wrong + tied_right - m + 1))
+    log_miss = (
+        torch.lgamma(tied_wrong + 1)
+        - torch.lgamma(tied_wrong - m + 1)
+        - torch.lgamma(tied_wrong + tied_right + 1)
+        + torch.lgamma(tied_wrong + tied_right - m + 1)
+    )
     hit = 1 - log_miss.exp()
     return torch.where(free <= 0, 0.0, torch.where(free > tied_wrong, 1.0, hit))
 
 
-def recall_from_similarity(similarity: torch.Tensor, correct: torch.Tensor | None = None,
-                           ks: tuple[int, ...] = (1, 5)) -> dict[str, float]:
+def recall_from_similarity(
+    similarity: torch.Tensor, correct: torch.Tensor | None = None, ks: tuple[int, ...] = (1, 5)
+) -> dict[str, float]:
     """Recall@k both ways from `similarity` (N images, N texts). `correct` (N, N) bool marks which texts are
     right for each image (e.g. identical captions); the diagonal always is. Ties count at their expected
     value under random tie-breaking, so collapsed (all-equal) embeddings score chance, not 1 or 0."""
@@ -258,17 +295,24 @@ def recall_from_similarity(similarity: torch.Tensor, correct: torch.Tensor | Non
     return results
 
 
-def retrieval_recall(image_embeds: torch.Tensor, text_embeds: torch.Tensor, ks: tuple[int, ...] = (1, 5),
-                     correct: torch.Tensor | None = None) -> dict[str, float]:
+def retrieval_recall(
+    image_embeds: torch.Tensor,
+    text_embeds: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5),
+    correct: torch.Tensor | None = None,
+) -> dict[str, float]:
     """Image→text and text→image recall@k of paired embeddings (N, D) each, image i matching text i, ranked by
     cosine similarity; `correct` and ties as in `recall_from_similarity`. Keys: image_to_text_r@k and
     text_to_image_r@k for each k."""
     for name, embeds in (("image_embeds", image_embeds), ("text_embeds", text_embeds)):
         if embeds.dim() != 2 or not embeds.is_floating_point():
-            raise TypeError(f"{name} must be floating-point (N, D) embeddings; for a similarity matrix use "
-                            "recall_from_similarity")
+            raise TypeError(
+                f"{name} must be floating-point (N, D) embeddings; for a similarity matrix use recall_from_similarity"
+            )
     if image_embeds.shape != text_embeds.shape:
-        raise ValueError(f"paired embeddings differ in shape: {tuple(image_embeds.shape)} vs {tuple(text_embeds.shape)}")
+        raise ValueError(
+            f"paired embeddings differ in shape: {tuple(image_embeds.shape)} vs {tuple(text_embeds.shape)}"
+        )
     images = torch.nn.functional.normalize(image_embeds.detach().double(), dim=-1)
     texts = torch.nn.functional.normalize(text_embeds.detach().double(), dim=-1)
     return recall_from_similarity(images @ texts.T, correct, ks)

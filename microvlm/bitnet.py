@@ -109,8 +109,12 @@ class BitLinear(nn.Linear):
     def from_linear(cls, linear: nn.Linear, activation_bits: int | None = 8) -> "BitLinear":
         """A BitLinear sharing `linear`'s parameter objects (same values, `requires_grad`, optimizer identity)."""
         layer = cls(
-            linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta",
-            dtype=linear.weight.dtype, activation_bits=activation_bits,
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            device="meta",
+            dtype=linear.weight.dtype,
+            activation_bits=activation_bits,
         )
         layer.weight = linear.weight
         layer.bias = linear.bias
@@ -184,8 +188,9 @@ def convert_linear_to_bitlinear(
 
 def convert_language_model_to_bitlinear(language_model: nn.Module, activation_bits: int | None = 8) -> int:
     """`convert_linear_to_bitlinear` on the `LANGUAGE_MODEL_PROJECTIONS` layers of a decoder; returns the count."""
-    names = [name for name, _ in language_model.named_modules()
-             if name.rpartition(".")[2] in LANGUAGE_MODEL_PROJECTIONS]
+    names = [
+        name for name, _ in language_model.named_modules() if name.rpartition(".")[2] in LANGUAGE_MODEL_PROJECTIONS
+    ]
     return convert_linear_to_bitlinear(language_model, names, activation_bits)
 
 

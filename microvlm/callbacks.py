@@ -36,7 +36,9 @@ def gradient_flow(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Per group: L2 norm of the gradients, and how many trainable / frozen parameters hold a non-zero gradient."""
     stats: dict[str, dict[str, float]] = {}
     for name, param in model.named_parameters():
-        entry = stats.setdefault(group_of(name), {"grad_norm": 0.0, "trainable": 0, "trainable_with_grad": 0, "frozen_with_grad": 0})
+        entry = stats.setdefault(
+            group_of(name), {"grad_norm": 0.0, "trainable": 0, "trainable_with_grad": 0, "frozen_with_grad": 0}
+        )
         has_grad = param.grad is not None and bool(param.grad.detach().abs().sum() > 0)
         if param.requires_grad:
             entry["trainable"] += 1
@@ -66,7 +68,9 @@ class GradientFlowCallback(TrainerCallback):
         for group, entry in stats.items():
             self.pending[f"grad_norm/{group}"] = round(entry["grad_norm"], 6)
             if entry["frozen_with_grad"]:
-                logger.warning("gradient flow: frozen group %r has gradients on %d tensors", group, entry["frozen_with_grad"])
+                logger.warning(
+                    "gradient flow: frozen group %r has gradients on %d tensors", group, entry["frozen_with_grad"]
+                )
             if entry["trainable"] and not entry["trainable_with_grad"]:
                 logger.warning("gradient flow: trained group %r received no gradient", group)
         if state.is_world_process_zero:

@@ -78,14 +78,17 @@ class MicroVLMEpisodicMemory(nn.Module):
         """BitNet b1.58 ternary W_M and ScopeNet in place (same parameter names); returns the layers converted."""
         return convert_linear_to_bitlinear(self, names=["projection", "scope_net"])
 
-    def write(self, codes: torch.Tensor, weight: float | torch.Tensor = 1.0, state: MemoryState | None = None) -> MemoryState:
+    def write(
+        self, codes: torch.Tensor, weight: float | torch.Tensor = 1.0, state: MemoryState | None = None
+    ) -> MemoryState:
         """Write codes (E, B, C) — one episode per batch row — on top of `state` (default: fresh memories, the
         learned prior). `weight` (float or (E, B)): 1 writes, 0 skips a step, −1 forgets a step written before."""
         state = self.larimar.prior(codes.shape[1]) if state is None else self._broadcast(state, codes.shape[1])
         return self.larimar.write(codes, state, weight=weight)
 
-    def step_loss(self, questions: torch.Tensor, steps: torch.Tensor, step_mask: torch.Tensor,
-                  target: torch.Tensor) -> torch.Tensor | None:
+    def step_loss(
+        self, questions: torch.Tensor, steps: torch.Tensor, step_mask: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor | None:
         r"""Addressing loss: cross-entropy over each episode's steps of cos(question key, step key)/τ, τ = 0.1.
 
         questions (B, C), steps (E, B, C) codes; step_mask (E, B) real steps; target (B,) the asked step, −100 for
@@ -156,7 +159,10 @@ class MicroVLMEpisodicMemory(nn.Module):
     def save(self, directory: str | os.PathLike) -> None:
         state = self.current_state
         os.makedirs(directory, exist_ok=True)
-        save_file({"mean": state.mean.contiguous(), "cov": state.cov.contiguous()}, os.path.join(directory, MEMORY_STATE_FILE))
+        save_file(
+            {"mean": state.mean.contiguous(), "cov": state.cov.contiguous()},
+            os.path.join(directory, MEMORY_STATE_FILE),
+        )
 
     def load(self, directory: str | os.PathLike) -> None:
         path = os.path.join(directory, MEMORY_STATE_FILE)

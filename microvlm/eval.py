@@ -32,12 +32,26 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
 
-from .analysis import (attention_stats, epps_pulley_null, linear_probe, recall_from_similarity, slot_utilisation,
-                       sliced_epps_pulley)
+from .analysis import (
+    attention_stats,
+    epps_pulley_null,
+    linear_probe,
+    recall_from_similarity,
+    slot_utilisation,
+    sliced_epps_pulley,
+)
 from .data.collator import MicroVLMCollator
 from .data.real_photos import load_real_photos
-from .data.synthetic_shapes import (COLOURS, COUNTS, POSITIONS, QUESTIONS, SHAPES, build_synthetic_dataset,
-                                    edited_recall_sample, parse_attributes)
+from .data.synthetic_shapes import (
+    COLOURS,
+    COUNTS,
+    POSITIONS,
+    QUESTIONS,
+    SHAPES,
+    build_synthetic_dataset,
+    edited_recall_sample,
+    parse_attributes,
+)
 from .metrics import caption_metrics, load_metric
 from .visualisation import eager_language_attention
 
@@ -48,7 +62,9 @@ ATTRIBUTES = {"colour": len(COLOURS), "shape": len(SHAPES), "count": len(COUNTS)
 @dataclass
 class EvalArguments:
     model_dir: str = field(metadata={"help": "a saved MicroVLM folder (weights, config, processor, remote code)"})
-    output_dir: str | None = field(default=None, metadata={"help": "where to write the report (default: <model_dir>/eval)"})
+    output_dir: str | None = field(
+        default=None, metadata={"help": "where to write the report (default: <model_dir>/eval)"}
+    )
     num_test: int = 600
     num_retrieval: int = 100
     episode_size: int = 4
@@ -66,8 +82,17 @@ def batches(rows: list[dict], size: int, description: str):
 
 
 @torch.no_grad()
-def generate(model, processor, rows: list[dict], args: EvalArguments, description: str, with_episodes: bool = False,
-             pixels=None, episodes=None, **generate_kwargs) -> list[str]:
+def generate(
+    model,
+    processor,
+    rows: list[dict],
+    args: EvalArguments,
+    description: str,
+    with_episodes: bool = False,
+    pixels=None,
+    episodes=None,
+    **generate_kwargs,
+) -> list[str]:
     """Greedy answers for `rows`. `pixels(batch)` / `episodes(batch)` may alter the inputs (baselines)."""
     collator = MicroVLMCollator(processor, with_episodes=with_episodes, prompts_only=True)
     outputs = []
@@ -85,8 +110,10 @@ def generate(model, processor, rows: list[dict], args: EvalArguments, descriptio
 def greedy_answers(model, processor, batch: dict, args: EvalArguments, **generate_kwargs) -> list[str]:
     """Greedy continuations of a prompts-only `batch`: the new tokens only, decoded and stripped."""
     tokens = model.generate(**batch, **generate_kwargs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    return [text.strip() for text in processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :],
-                                                            skip_special_tokens=True)]
+    return [
+        text.strip()
+        for text in processor.batch_decode(tokens[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    ]
 
 
 def blank(pixels: torch.Tensor) -> torch.Tensor:
@@ -152,8 +179,11 @@ def recall_after_memory_edits(model, processor, rows: list[dict], args: EvalArgu
     """
     collator = MicroVLMCollator(processor, with_episodes=True, prompts_only=True)
     edited_rows = [edited_recall_sample(row, index, args.seed) for index, row in enumerate(rows)]
-    outputs: dict[str, list[str]] = {"after forgetting the asked image": [], "after editing": [],
-                                     "after another episode is written on top": []}
+    outputs: dict[str, list[str]] = {
+        "after forgetting the asked image": [],
+        "after editing": [],
+        "after another episode is written on top": [],
+    }
     for chunk in batches(list(zip(rows, edited_rows)), args.batch_size, "recall after memory edits"):
         batch, edited = collator([row for row, _ in chunk]), collator([row for _, row in chunk])
         episode = [batch[k] for k in ("episode_input_ids", "episode_attention_mask", "episode_pixel_values")]
@@ -162,13 +192,18 @@ def recall_after_memory_edits(model, processor, rows: list[dict], args: EvalArgu
         asked = torch.nn.functional.one_hot(batch["memory_target_step"], steps.shape[1]).to(steps.dtype) * steps
         state = model.write_episodes(*episode, steps)
         forgotten = model.write_episodes(*episode, asked, weight=-1.0, memory_state=state)
-        states = {"after forgetting the asked image": forgotten,
-                  "after editing": model.write_episodes(*replacement, asked, memory_state=forgotten),
-                  "after another episode is written on top": model.write_episodes(
-                      *(t.roll(1, dims=0) for t in episode), steps.roll(1, dims=0), memory_state=state)}
+        states = {
+            "after forgetting the asked image": forgotten,
+            "after editing": model.write_episodes(*replacement, asked, memory_state=forgotten),
+            "after another episode is written on top": model.write_episodes(
+                *(t.roll(1, dims=0) for t in episode), steps.roll(1, dims=0), memory_state=state
+            ),
+        }
         prompts = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
         for name, memory_state in states.items():
-            outputs[name] += greedy_answers(model, processor, prompts, args, use_memory=True, memory_state=memory_state)
+            outputs[name] += greedy_answers(
+                model, processor, prompts, args, use_memory=True, memory_state=memory_state
+            )
     outputs["edited answers"] = [row["answer"] for row in edited_rows]
     return outputs
 
@@ -186,14 +221,22 @@ def scope_decisions(model, processor, rows: list[dict], args: EvalArguments, mem
         for row, value in zip(chunk, (gate >= model.config.scope_threshold).tolist()):
             opened["recall" if row["kind"] == "recall" else "other"].append(value)
     on, off = sum(opened["recall"]), len(opened["other"]) - sum(opened["other"])
-    return {"recall rows on": on / max(len(opened["recall"]), 1), "caption/qa rows off": off / max(len(opened["other"]), 1),
-            "accuracy": (on + off) / max(len(rows), 1)}
+    return {
+        "recall rows on": on / max(len(opened["recall"]), 1),
+        "caption/qa rows off": off / max(len(opened["other"]), 1),
+        "accuracy": (on + off) / max(len(rows), 1),
+    }
 
 
 def asked_image_question(row: dict) -> dict:
     """The recall question turned into a question about the asked image, with that image in the input: what
     perception alone allows, an upper bound for recall through memory."""
-    return {"kind": "qa", "image": row["episode_images"][row["target_index"]], "text": QUESTIONS[row["asked"]], "answer": row["answer"]}
+    return {
+        "kind": "qa",
+        "image": row["episode_images"][row["target_index"]],
+        "text": QUESTIONS[row["asked"]],
+        "answer": row["answer"],
+    }
 
 
 @torch.no_grad()
@@ -205,10 +248,18 @@ def embedding_analysis(model, processor, rows: list[dict], args: EvalArguments) 
     results = {}
     for name, embeddings in (("projected_cls", images), ("pooled_prefix", prefix), ("mean_text", texts)):
         n, dim = embeddings.shape
-        results[name] = {"statistic": sliced_epps_pulley(embeddings, args.num_slices, args.seed),
-                         "null": epps_pulley_null(n, dim, args.num_slices, seed=args.seed), "n": n, "dim": dim}
+        results[name] = {
+            "statistic": sliced_epps_pulley(embeddings, args.num_slices, args.seed),
+            "null": epps_pulley_null(n, dim, args.num_slices, seed=args.seed),
+            "n": n,
+            "dim": dim,
+        }
     with eager_language_attention(model):
-        attentions = model(**{k: v for k, v in batch.items() if k not in ("labels", "scope_labels")}, output_attentions=True, use_memory=False).attentions
+        attentions = model(
+            **{k: v for k, v in batch.items() if k not in ("labels", "scope_labels")},
+            output_attentions=True,
+            use_memory=False,
+        ).attentions
     prefix_columns = batch["input_ids"][0] == model.config.image_token_id
     text_rows = (batch["input_ids"] != model.config.image_token_id) & batch["attention_mask"].bool()
     weights = torch.stack(attentions).mean(2)[:, :, :, prefix_columns]  # (layers, B, T, k)
@@ -229,10 +280,14 @@ def vision_probe(model, processor, rows: list[dict], args: EvalArguments) -> dic
         features["pooled_vision"].append(image.cls)
         features["prefix"].append(image.prefix.flatten(1))
     vocabularies = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNTS), "position": list(POSITIONS)}
-    labels = {name: torch.tensor([vocabulary.index(r[name]) for r in rows])
-              for name, vocabulary in vocabularies.items()}
-    result: dict[str, Any] = {"rows_train": len(rows) // 2, "rows_test": len(rows) - len(rows) // 2,
-                              "chance": {name: 1 / len(vocabulary) for name, vocabulary in vocabularies.items()}}
+    labels = {
+        name: torch.tensor([vocabulary.index(r[name]) for r in rows]) for name, vocabulary in vocabularies.items()
+    }
+    result: dict[str, Any] = {
+        "rows_train": len(rows) // 2,
+        "rows_test": len(rows) - len(rows) // 2,
+        "chance": {name: 1 / len(vocabulary) for name, vocabulary in vocabularies.items()},
+    }
     for source, chunks in features.items():
         stacked = torch.cat(chunks).float()
         result[source] = {name: linear_probe(stacked, labels[name], len(vocabularies[name])) for name in vocabularies}
@@ -243,45 +298,84 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model_dir, trust_remote_code=True)
     size = model.config.vision_config.image_size
-    test = build_synthetic_dataset(0, 0, args.num_test, image_size=size, episode_size=args.episode_size, seed=args.seed)["test"]
+    test = build_synthetic_dataset(
+        0, 0, args.num_test, image_size=size, episode_size=args.episode_size, seed=args.seed
+    )["test"]
     rows = list(test)
     captions = [r for r in rows if r["kind"] == "caption"]
     questions = [r for r in rows if r["kind"] == "qa"]
     recalls = [r for r in rows if r["kind"] == "recall"]
-    results: dict[str, Any] = {"model_dir": args.model_dir, "dataset": "microvlm-synthetic-shapes", "split": "test",
-                               "arguments": asdict(args), "counts": {"caption": len(captions), "qa": len(questions), "recall": len(recalls)}}
+    results: dict[str, Any] = {
+        "model_dir": args.model_dir,
+        "dataset": "microvlm-synthetic-shapes",
+        "split": "test",
+        "arguments": asdict(args),
+        "counts": {"caption": len(captions), "qa": len(questions), "recall": len(recalls)},
+    }
     # A written memory for the rows that should not use it (ScopeNet must keep them away): the first recall episode.
     first = MicroVLMCollator(processor, with_episodes=True)(recalls[:1])
-    written = model.write_episodes(first["episode_input_ids"], first["episode_attention_mask"],
-                                   first["episode_pixel_values"], first["episode_mask"])
+    written = model.write_episodes(
+        first["episode_input_ids"],
+        first["episode_attention_mask"],
+        first["episode_pixel_values"],
+        first["episode_mask"],
+    )
 
-    predictions = {"model": generate(model, processor, captions, args, "captions", use_memory=False),
-                   "blank images": generate(model, processor, captions, args, "captions, blank", pixels=blank, use_memory=False),
-                   "shuffled images": generate(model, processor, captions, args, "captions, shuffled", pixels=shuffled, use_memory=False),
-                   "memory on": generate(model, processor, captions, args, "captions, memory on", use_memory=True, memory_state=written)}
+    predictions = {
+        "model": generate(model, processor, captions, args, "captions", use_memory=False),
+        "blank images": generate(model, processor, captions, args, "captions, blank", pixels=blank, use_memory=False),
+        "shuffled images": generate(
+            model, processor, captions, args, "captions, shuffled", pixels=shuffled, use_memory=False
+        ),
+        "memory on": generate(
+            model, processor, captions, args, "captions, memory on", use_memory=True, memory_state=written
+        ),
+    }
     references = [[r["text"]] for r in captions]
     seen = [i for i, r in enumerate(captions) if not r["held_out"]]
     held_out = [i for i, r in enumerate(captions) if r["held_out"]]
     results["captions"] = {
-        name: {**caption_metrics(preds, references), "attributes": attribute_accuracy(preds, captions),
-               "attributes_seen_pairs": attribute_accuracy([preds[i] for i in seen], [captions[i] for i in seen]),
-               "attributes_held_out_pairs": attribute_accuracy([preds[i] for i in held_out], [captions[i] for i in held_out])}
+        name: {
+            **caption_metrics(preds, references),
+            "attributes": attribute_accuracy(preds, captions),
+            "attributes_seen_pairs": attribute_accuracy([preds[i] for i in seen], [captions[i] for i in seen]),
+            "attributes_held_out_pairs": attribute_accuracy(
+                [preds[i] for i in held_out], [captions[i] for i in held_out]
+            ),
+        }
         for name, preds in predictions.items()
     }
-    results["captions"]["chance"] = {"attributes": {**{n: 1 / k for n, k in ATTRIBUTES.items()}, "all": 1 / math.prod(ATTRIBUTES.values())}}
-    results["captions"]["examples"] = [{"reference": r["text"], "generated": p} for r, p in zip(captions[:8], predictions["model"][:8])]
-    results["perplexity"] = {"model": perplexity(model, processor, captions, args), "chance": model.config.text_config.vocab_size}
+    results["captions"]["chance"] = {
+        "attributes": {**{n: 1 / k for n, k in ATTRIBUTES.items()}, "all": 1 / math.prod(ATTRIBUTES.values())}
+    }
+    results["captions"]["examples"] = [
+        {"reference": r["text"], "generated": p} for r, p in zip(captions[:8], predictions["model"][:8])
+    ]
+    results["perplexity"] = {
+        "model": perplexity(model, processor, captions, args),
+        "chance": model.config.text_config.vocab_size,
+    }
 
     answers = [r["answer"] for r in questions]
-    results["qa"] = {"model": exact_match(generate(model, processor, questions, args, "questions", use_memory=False), answers),
-                     "memory on": exact_match(generate(model, processor, questions, args, "questions, memory on", use_memory=True,
-                                                       memory_state=written), answers),
-                     "blank images": exact_match(generate(model, processor, questions, args, "questions, blank", pixels=blank, use_memory=False), answers),
-                     "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in questions) / max(len(questions), 1)}
+    results["qa"] = {
+        "model": exact_match(generate(model, processor, questions, args, "questions", use_memory=False), answers),
+        "memory on": exact_match(
+            generate(model, processor, questions, args, "questions, memory on", use_memory=True, memory_state=written),
+            answers,
+        ),
+        "blank images": exact_match(
+            generate(model, processor, questions, args, "questions, blank", pixels=blank, use_memory=False), answers
+        ),
+        "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in questions) / max(len(questions), 1),
+    }
 
     candidates = captions[: args.num_retrieval]
     recall_at_k, similarity = retrieval(model, processor, candidates)
-    results["retrieval"] = {"model": recall_at_k, "candidates": len(candidates), "chance": {"r@1": 1 / len(candidates), "r@5": 5 / len(candidates)}}
+    results["retrieval"] = {
+        "model": recall_at_k,
+        "candidates": len(candidates),
+        "chance": {"r@1": 1 / len(candidates), "r@5": 5 / len(candidates)},
+    }
 
     answers = [r["answer"] for r in recalls]
     with_memory = generate(model, processor, recalls, args, "recall, memory", with_episodes=True)
@@ -289,23 +383,55 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
     model.reset_memory()
     results["recall"] = {
         "memory": exact_match(with_memory, answers),
-        "no memory": exact_match(generate(model, processor, recalls, args, "recall, no memory", use_memory=False), answers),
-        "empty memory": exact_match(generate(model, processor, recalls, args, "recall, empty", use_memory=True,
-                                             memory_state=model.memory_state), answers),
-        "another episode's memory": exact_match(generate(model, processor, recalls, args, "recall, other episode", with_episodes=True, episodes=other_episode), answers),
+        "no memory": exact_match(
+            generate(model, processor, recalls, args, "recall, no memory", use_memory=False), answers
+        ),
+        "empty memory": exact_match(
+            generate(
+                model, processor, recalls, args, "recall, empty", use_memory=True, memory_state=model.memory_state
+            ),
+            answers,
+        ),
+        "another episode's memory": exact_match(
+            generate(
+                model, processor, recalls, args, "recall, other episode", with_episodes=True, episodes=other_episode
+            ),
+            answers,
+        ),
         "after forgetting the asked image": exact_match(edits["after forgetting the asked image"], answers),
         "after editing: the new image's answer": exact_match(edits["after editing"], edits["edited answers"]),
         "after editing: the old image's answer": exact_match(edits["after editing"], answers),
-        "after another episode is written on top": exact_match(edits["after another episode is written on top"], answers),
-        "asked image in context (upper bound)": exact_match(generate(model, processor, [asked_image_question(r) for r in recalls],
-                                                                     args, "recall, image in context", use_memory=False), answers),
+        "after another episode is written on top": exact_match(
+            edits["after another episode is written on top"], answers
+        ),
+        "asked image in context (upper bound)": exact_match(
+            generate(
+                model,
+                processor,
+                [asked_image_question(r) for r in recalls],
+                args,
+                "recall, image in context",
+                use_memory=False,
+            ),
+            answers,
+        ),
         "chance": sum(1 / ATTRIBUTES[r["asked"]] for r in recalls) / max(len(recalls), 1),
-        "by_position": {str(i + 1): exact_match([p for p, r in zip(with_memory, recalls) if r["target_index"] == i],
-                                                [r["answer"] for r in recalls if r["target_index"] == i])
-                        for i in range(args.episode_size) if any(r["target_index"] == i for r in recalls)},
-        "by_attribute": {name: exact_match([p for p, r in zip(with_memory, recalls) if r["asked"] == name],
-                                           [r["answer"] for r in recalls if r["asked"] == name])
-                         for name in ATTRIBUTES if any(r["asked"] == name for r in recalls)},
+        "by_position": {
+            str(i + 1): exact_match(
+                [p for p, r in zip(with_memory, recalls) if r["target_index"] == i],
+                [r["answer"] for r in recalls if r["target_index"] == i],
+            )
+            for i in range(args.episode_size)
+            if any(r["target_index"] == i for r in recalls)
+        },
+        "by_attribute": {
+            name: exact_match(
+                [p for p, r in zip(with_memory, recalls) if r["asked"] == name],
+                [r["answer"] for r in recalls if r["asked"] == name],
+            )
+            for name in ATTRIBUTES
+            if any(r["asked"] == name for r in recalls)
+        },
         "slots": model.config.memory_num_slots,
     }
     results["scope"] = scope_decisions(model, processor, rows, args, written)
@@ -315,8 +441,11 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
     if photos:  # a smoke test on real photos: generation must run; the tiny preset has no quality bar here
         rows_ = [{"kind": "caption", "image": p["image"], "text": p["references"][0]} for p in photos]
         generated = generate(model, processor, rows_, args, "real photos", use_memory=False)
-        results["real_photos"] = {**caption_metrics(generated, [p["references"] for p in photos]), "count": len(photos),
-                                  "examples": [{"photo": p["name"], "generated": g} for p, g in zip(photos, generated)]}
+        results["real_photos"] = {
+            **caption_metrics(generated, [p["references"] for p in photos]),
+            "count": len(photos),
+            "examples": [{"photo": p["name"], "generated": g} for p, g in zip(photos, generated)],
+        }
 
     analysed = captions[: min(len(captions), 256)]
     results["analysis"] = embedding_analysis(model, processor, analysed, args)
@@ -329,38 +458,96 @@ def evaluate_model(args: EvalArguments) -> dict[str, Any]:
 def capacity_curve(model, processor, args: EvalArguments) -> dict[str, float]:
     curve = {}
     for size in [int(s) for s in args.capacity_episode_sizes.split(",")]:
-        rows = list(build_synthetic_dataset(0, 0, args.capacity_samples, image_size=model.config.vision_config.image_size,
-                                            episode_size=size, seed=args.seed + size, kinds=("recall",))["test"])
+        rows = list(
+            build_synthetic_dataset(
+                0,
+                0,
+                args.capacity_samples,
+                image_size=model.config.vision_config.image_size,
+                episode_size=size,
+                seed=args.seed + size,
+                kinds=("recall",),
+            )["test"]
+        )
         sized = EvalArguments(**{**asdict(args), "episode_size": size})
-        curve[str(size)] = exact_match(generate(model, processor, rows, sized, f"capacity {size}", with_episodes=True), [r["answer"] for r in rows])
+        curve[str(size)] = exact_match(
+            generate(model, processor, rows, sized, f"capacity {size}", with_episodes=True),
+            [r["answer"] for r in rows],
+        )
     return curve
 
 
 @torch.no_grad()
 def memory_slot_usage(model, processor, rows: list[dict], args: EvalArguments) -> dict[str, float]:
     batch = MicroVLMCollator(processor, with_episodes=True)(rows[: args.batch_size])
-    return slot_utilisation(model.memory_addresses(batch["episode_input_ids"], batch["episode_attention_mask"],
-                                                   batch["episode_pixel_values"], batch["episode_mask"]))
+    return slot_utilisation(
+        model.memory_addresses(
+            batch["episode_input_ids"],
+            batch["episode_attention_mask"],
+            batch["episode_pixel_values"],
+            batch["episode_mask"],
+        )
+    )
 
 
 def headline(results: dict[str, Any]) -> list[dict[str, Any]]:
     """The figures of the model card's model-index, each with its baseline and chance level."""
     captions, chance = results["captions"], results["captions"]["chance"]["attributes"]
     return [
-        {"task": "captioning", "metric": "accuracy", "name": "attribute accuracy, held-out pairs",
-         "value": captions["model"]["attributes_held_out_pairs"]["mean"], "baseline_name": "blank images",
-         "baseline": captions["blank images"]["attributes_held_out_pairs"]["mean"], "chance": sum(chance[n] for n in ATTRIBUTES) / len(ATTRIBUTES)},
-        {"task": "captioning", "metric": "bleu", "name": "BLEU-4", "value": captions["model"]["bleu"],
-         "baseline_name": "blank images", "baseline": captions["blank images"]["bleu"], "chance": None},
-        {"task": "captioning", "metric": "cider", "name": "CIDEr-D", "value": captions["model"]["cider_d"],
-         "baseline_name": "blank images", "baseline": captions["blank images"]["cider_d"], "chance": None},
-        {"task": "question answering", "metric": "exact_match", "name": "QA exact match", "value": results["qa"]["model"],
-         "baseline_name": "blank images", "baseline": results["qa"]["blank images"], "chance": results["qa"]["chance"]},
-        {"task": "retrieval", "metric": "recall", "name": f"image→text R@1 ({results['retrieval']['candidates']} candidates)",
-         "value": results["retrieval"]["model"]["image_to_text_r@1"], "baseline_name": "chance",
-         "baseline": results["retrieval"]["chance"]["r@1"], "chance": results["retrieval"]["chance"]["r@1"]},
-        {"task": "episodic recall", "metric": "exact_match", "name": "recall exact match", "value": results["recall"]["memory"],
-         "baseline_name": "memory off", "baseline": results["recall"]["no memory"], "chance": results["recall"]["chance"]},
+        {
+            "task": "captioning",
+            "metric": "accuracy",
+            "name": "attribute accuracy, held-out pairs",
+            "value": captions["model"]["attributes_held_out_pairs"]["mean"],
+            "baseline_name": "blank images",
+            "baseline": captions["blank images"]["attributes_held_out_pairs"]["mean"],
+            "chance": sum(chance[n] for n in ATTRIBUTES) / len(ATTRIBUTES),
+        },
+        {
+            "task": "captioning",
+            "metric": "bleu",
+            "name": "BLEU-4",
+            "value": captions["model"]["bleu"],
+            "baseline_name": "blank images",
+            "baseline": captions["blank images"]["bleu"],
+            "chance": None,
+        },
+        {
+            "task": "captioning",
+            "metric": "cider",
+            "name": "CIDEr-D",
+            "value": captions["model"]["cider_d"],
+            "baseline_name": "blank images",
+            "baseline": captions["blank images"]["cider_d"],
+            "chance": None,
+        },
+        {
+            "task": "question answering",
+            "metric": "exact_match",
+            "name": "QA exact match",
+            "value": results["qa"]["model"],
+            "baseline_name": "blank images",
+            "baseline": results["qa"]["blank images"],
+            "chance": results["qa"]["chance"],
+        },
+        {
+            "task": "retrieval",
+            "metric": "recall",
+            "name": f"image→text R@1 ({results['retrieval']['candidates']} candidates)",
+            "value": results["retrieval"]["model"]["image_to_text_r@1"],
+            "baseline_name": "chance",
+            "baseline": results["retrieval"]["chance"]["r@1"],
+            "chance": results["retrieval"]["chance"]["r@1"],
+        },
+        {
+            "task": "episodic recall",
+            "metric": "exact_match",
+            "name": "recall exact match",
+            "value": results["recall"]["memory"],
+            "baseline_name": "memory off",
+            "baseline": results["recall"]["no memory"],
+            "chance": results["recall"]["chance"],
+        },
     ]
 
 

@@ -80,7 +80,11 @@ def model_index(repo_id: str, eval_results: dict[str, Any]) -> list[dict[str, An
         results.append(
             {
                 "task": {"type": "image-text-to-text", "name": entry["task"]},
-                "dataset": {"type": eval_results["dataset"], "name": eval_results["dataset"], "split": eval_results["split"]},
+                "dataset": {
+                    "type": eval_results["dataset"],
+                    "name": eval_results["dataset"],
+                    "split": eval_results["split"],
+                },
                 "metrics": [{"type": entry["metric"], "name": entry["name"], "value": entry["value"]}],
             }
         )
@@ -124,8 +128,9 @@ def model_card(folder: Path, repo_id: str, eval_results: dict[str, Any], license
     }
     rows = [
         f"| {e['task']} | {e['name']} | {e['value']:.4g} | {e.get('baseline_name', '')} {e['baseline']:.4g} | "
-        f"{e['chance']:.4g} |" if e.get("baseline") is not None and e.get("chance") is not None else
-        f"| {e['task']} | {e['name']} | {e['value']:.4g} | – | – |"
+        f"{e['chance']:.4g} |"
+        if e.get("baseline") is not None and e.get("chance") is not None
+        else f"| {e['task']} | {e['name']} | {e['value']:.4g} | – | – |"
         for e in eval_results["headline"]
     ]
     parameters = eval_results.get("parameters", 0)
@@ -157,7 +162,13 @@ def model_card(folder: Path, repo_id: str, eval_results: dict[str, Any], license
 
 def build_folder(model_dir: Path, eval_json: Path, repo_id: str, output: Path, license_name: str) -> Path:
     """Write the upload folder: a copy of the saved model+processor folder, the eval JSON and the card."""
-    required = ["config.json", "model.safetensors", "processor_config.json", "configuration_microvlm.py", "modeling_microvlm.py"]
+    required = [
+        "config.json",
+        "model.safetensors",
+        "processor_config.json",
+        "configuration_microvlm.py",
+        "modeling_microvlm.py",
+    ]
     missing = [name for name in required if not (model_dir / name).is_file()]
     if missing:
         raise ValueError(f"{model_dir} is not a saved MicroVLM folder: missing {missing}")
@@ -167,7 +178,20 @@ def build_folder(model_dir: Path, eval_json: Path, repo_id: str, output: Path, l
             raise ValueError(f"{eval_json}: expected a field {key!r} (write it with `python -m microvlm.eval`)")
     if output.exists():
         shutil.rmtree(output)
-    shutil.copytree(model_dir, output, ignore=shutil.ignore_patterns("checkpoint-*", "runs", "*.pt", "trainer_state.json", "training_args.bin", "optimizer*", "scheduler*", "rng_state*"))
+    shutil.copytree(
+        model_dir,
+        output,
+        ignore=shutil.ignore_patterns(
+            "checkpoint-*",
+            "runs",
+            "*.pt",
+            "trainer_state.json",
+            "training_args.bin",
+            "optimizer*",
+            "scheduler*",
+            "rng_state*",
+        ),
+    )
     shutil.copy(eval_json, output / "eval_results.json")
     (output / "README.md").write_text(model_card(output, repo_id, eval_results, license_name))
     return output
@@ -178,7 +202,9 @@ def upload(folder: Path, repo_id: str, private: bool) -> str:
 
     api = HfApi()  # the token comes from HF_TOKEN or the login cache; it is never written by this script
     api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
-    commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload MicroVLM")
+    commit = api.upload_folder(
+        folder_path=str(folder), repo_id=repo_id, repo_type="model", commit_message="Upload MicroVLM"
+    )
     return str(commit)
 
 
@@ -187,7 +213,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--model_dir", type=Path, required=True, help="a folder written by microvlm.train")
     parser.add_argument("--eval_json", type=Path, required=True, help="the JSON written by microvlm.eval")
     parser.add_argument("--repo_id", required=True, help="e.g. your-name/microvlm-tiny")
-    parser.add_argument("--output", type=Path, default=None, help="where to build the folder (default: <model_dir>-hub)")
+    parser.add_argument(
+        "--output", type=Path, default=None, help="where to build the folder (default: <model_dir>-hub)"
+    )
     parser.add_argument("--license", default="apache-2.0")
     parser.add_argument("--public", action="store_true", help="create a public repo (default: private)")
     parser.add_argument("--dry-run", "--dry_run", dest="dry_run", action="store_true", help="build the folder only")
@@ -197,7 +225,12 @@ def main(argv: list[str] | None = None) -> Path:
     folder = build_folder(args.model_dir, args.eval_json, args.repo_id, output, args.license)
     logger.info("upload folder written: %s", folder)
     if not args.dry_run:
-        logger.info("uploaded to %s (%s): %s", args.repo_id, "public" if args.public else "private", upload(folder, args.repo_id, not args.public))
+        logger.info(
+            "uploaded to %s (%s): %s",
+            args.repo_id,
+            "public" if args.public else "private",
+            upload(folder, args.repo_id, not args.public),
+        )
     return folder
 
 

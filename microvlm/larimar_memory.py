@@ -57,7 +57,9 @@ def _ridge_gram_factor(matrix: torch.Tensor, ridge: float) -> tuple[bool, torch.
     return wide, torch.linalg.cholesky(gram)
 
 
-def pseudo_inverse(matrix: torch.Tensor, method: str = "cholesky", steps: int = 15, ridge: float = 1e-4) -> torch.Tensor:
+def pseudo_inverse(
+    matrix: torch.Tensor, method: str = "cholesky", steps: int = 15, ridge: float = 1e-4
+) -> torch.Tensor:
     """pinv of `matrix` (..., K, C) → (..., C, K) (see the module docstring for the two methods)."""
     if method == "cholesky":
         wide, factor = _ridge_gram_factor(matrix, ridge)

@@ -33,7 +33,9 @@ class MemoryKVProjection(nn.Module):
     (B, num_key_value_heads, n_read · tokens_per_read, head_dim) — the LM's GQA cache layout (2 KV heads × 64 for
     Qwen2.5-0.5B, not its 14 query heads)."""
 
-    def __init__(self, code_dim: int, num_layers: int, num_key_value_heads: int, head_dim: int, tokens_per_read: int = 1):
+    def __init__(
+        self, code_dim: int, num_layers: int, num_key_value_heads: int, head_dim: int, tokens_per_read: int = 1
+    ):
         super().__init__()
         self.num_layers, self.num_key_value_heads, self.head_dim = num_layers, num_key_value_heads, head_dim
         self.tokens_per_read = tokens_per_read

@@ -163,7 +163,9 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, output_attentions: bool = False) -> MicroVLMImageFeatures:
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, output_attentions: bool = False
+    ) -> MicroVLMImageFeatures:
         """pixel_values (B, 3, H, W) → CLS (B, Dv) for alignment and prefix tokens (B, k, D) for the LM."""
         tokens = self.vision_tower(pixel_values=pixel_values).last_hidden_state
         if tokens.dim() == 4:  # convolutional towers return (B, C, H, W) maps: one token per position
@@ -187,7 +189,10 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
         return mask
 
     def fused_embeddings(
-        self, input_ids: torch.LongTensor, pixel_values: torch.FloatTensor | None = None, output_attentions: bool = False
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.FloatTensor | None = None,
+        output_attentions: bool = False,
     ) -> tuple[torch.Tensor, MicroVLMImageFeatures | None]:
         """Token embeddings (B, T, C) with the image placeholders replaced by the adapter's prefix tokens."""
         embeds = self.get_input_embeddings()(input_ids)
@@ -222,7 +227,9 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
         Only the real steps (`episode_mask` > 0) are encoded; padding steps get zero codes.
         """
         batch, steps = input_ids.shape[:2]
-        real = (episode_mask > 0).flatten() if episode_mask is not None else torch.ones(batch * steps, dtype=torch.bool)
+        real = (
+            (episode_mask > 0).flatten() if episode_mask is not None else torch.ones(batch * steps, dtype=torch.bool)
+        )
         real = real.to(input_ids.device)
         ids, mask = input_ids.flatten(0, 1)[real], attention_mask.flatten(0, 1)[real]
         pixels = pixel_values.flatten(0, 1)[real] if pixel_values is not None else None
@@ -387,7 +394,9 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value: nn.Module) -> None:
         self.lm_head = value
 
-    def get_image_features(self, pixel_values: torch.FloatTensor, output_attentions: bool = False) -> MicroVLMImageFeatures:
+    def get_image_features(
+        self, pixel_values: torch.FloatTensor, output_attentions: bool = False
+    ) -> MicroVLMImageFeatures:
         return self.model.get_image_features(pixel_values, output_attentions)
 
     def forward(
@@ -598,7 +607,9 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         """Batched writes, one episode per row, returned rather than kept: (B, E, T) ids/mask, (B, E, 3, H, W)
         pixels and (B, E) `episode_mask` (as `forward` takes them) on top of `memory_state` (default: the prior),
         each real step with `weight` (−1 forgets). Pass the result to `forward`/`generate` as `memory_state`."""
-        codes, steps = self.model.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
+        codes, steps = self.model.episode_codes(
+            episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask
+        )
         return self.model.memory.write(codes, weight * steps, memory_state)
 
     @torch.no_grad()
@@ -611,7 +622,9 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
     ) -> torch.Tensor:
         """Addressing weights (E, B, K) with which each step of each episode (inputs as `write_episodes`) reads
         the memory its episode wrote: step i of an episode should find the slots it was written at."""
-        codes, steps = self.model.episode_codes(episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask)
+        codes, steps = self.model.episode_codes(
+            episode_input_ids, episode_attention_mask, episode_pixel_values, episode_mask
+        )
         state = self.model.memory.write(codes, steps)
         return self.model.memory.larimar.address(codes, state)
 

@@ -84,8 +84,10 @@ class PackedBitLinear(nn.Module):
         return nn.functional.linear(x, weight, bias)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, packed ternary, " \
-               f"activation_bits={self.activation_bits}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, packed ternary, "
+            f"activation_bits={self.activation_bits}"
+        )
 
 
 class Float16Weight(nn.Module):
@@ -196,11 +198,16 @@ def apply_weight_formats(model: nn.Module, formats: dict) -> None:
                 raise ValueError(f"{name} is a BitLinear (ternary by training): export the LM body as 'ternary'")
             model.set_submodule(name, PackedBitLinear.from_bitlinear(module))
     if formats.get("lm_body") == "ternary":
-        body = [name for name, module in model.named_modules() if type(module) is nn.Linear and component_of(name) ==
-                "lm_body"]
+        body = [
+            name
+            for name, module in model.named_modules()
+            if type(module) is nn.Linear and component_of(name) == "lm_body"
+        ]
         if body:
-            raise ValueError(f"weight_formats: LM body stored 'ternary' but {body[0]} is a plain Linear; "
-                             "call model.enable_bitnet(language_model=True) first (post-training ternarisation)")
+            raise ValueError(
+                f"weight_formats: LM body stored 'ternary' but {body[0]} is a plain Linear; "
+                "call model.enable_bitnet(language_model=True) first (post-training ternarisation)"
+            )
     if formats.get("tied_lm_head"):
         model.lm_head = TiedLMHead(model.get_input_embeddings())
     for name, module in list(model.named_modules()):
@@ -232,8 +239,10 @@ def check_safetensors_files(folder: str | os.PathLike) -> None:
         for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][1]):
             end = 8 + header_size + entry["data_offsets"][1]
             if end > size:
-                raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {end} but the file has {size} "
-                                 "bytes; copy or export the folder again")
+                raise ValueError(
+                    f"{path}: truncated: tensor {name!r} ends at byte {end} but the file has {size} "
+                    "bytes; copy or export the folder again"
+                )
 
 
 @torch.no_grad()
@@ -246,7 +255,9 @@ def check_packed_weights(model: nn.Module) -> None:
     for name, module in model.named_modules():
         if isinstance(module, PackedBitLinear):
             if (ternary_codes(module.weight, module.out_features) == 3).any():
-                raise ValueError(f"packed ternary tensor {name}.weight holds the code 3, which pack_ternary never "
-                                 "writes: the file is corrupt; export the model again")
+                raise ValueError(
+                    f"packed ternary tensor {name}.weight holds the code 3, which pack_ternary never "
+                    "writes: the file is corrupt; export the model again"
+                )
             if not bool(torch.isfinite(module.weight_scale).all() and (module.weight_scale > 0).all()):
                 raise ValueError(f"{name}.weight_scale must be finite and > 0, got {module.weight_scale.tolist()}")

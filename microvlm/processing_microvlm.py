@@ -51,7 +51,9 @@ def _array_to_image(array: np.ndarray, index: int) -> Image.Image:
     if array.ndim == 3 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(f"image {index}: expected an array of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
+        raise ValueError(
+            f"image {index}: expected an array of shape (H, W), (H, W, 3) or (H, W, 4), got {array.shape}"
+        )
     if 0 in array.shape:
         raise ValueError(f"image {index}: zero-size image (array shape {array.shape})")
     if np.issubdtype(array.dtype, np.floating):
@@ -91,7 +93,9 @@ class MicroVLMProcessor(ProcessorMixin):
     def model_input_names(self) -> list[str]:
         return ["input_ids", "attention_mask", "pixel_values"]
 
-    def __call__(self, images=None, text=None, return_tensors: str | None = "pt", padding: bool | str = True, **kwargs) -> BatchFeature:
+    def __call__(
+        self, images=None, text=None, return_tensors: str | None = "pt", padding: bool | str = True, **kwargs
+    ) -> BatchFeature:
         """Tokenise texts and preprocess their images (one image per text at most).
 
         `images`: one image, a list with one image per text, or a list with one list per text holding zero or one
@@ -105,16 +109,22 @@ class MicroVLMProcessor(ProcessorMixin):
         if texts is None:
             texts = [""] * len(image_list)
         if not all(isinstance(t, str) for t in texts):
-            raise ValueError(f"MicroVLMProcessor: text must be a string or a list of strings, got {type(text).__name__}")
+            raise ValueError(
+                f"MicroVLMProcessor: text must be a string or a list of strings, got {type(text).__name__}"
+            )
         per_text = [None] * len(texts) if image_list is None else self._one_image_per_text(image_list, len(texts))
         data: dict[str, Any] = {}
         prompts = []
         for index, (prompt, image) in enumerate(zip(texts, per_text)):
             count = prompt.count(self.image_token)
             if count > 1:
-                raise ValueError(f"MicroVLMProcessor: text {index} holds more than one {self.image_token!r}; one image per text")
+                raise ValueError(
+                    f"MicroVLMProcessor: text {index} holds more than one {self.image_token!r}; one image per text"
+                )
             if image is None and count:
-                raise ValueError(f"MicroVLMProcessor: text {index} holds {self.image_token!r} but no image was given for it")
+                raise ValueError(
+                    f"MicroVLMProcessor: text {index} holds {self.image_token!r} but no image was given for it"
+                )
             prompts.append(prompt if count or image is None else self.image_token + prompt)
         present = [to_rgb_image(image, index) for index, image in enumerate(per_text) if image is not None]
         if present:
@@ -126,7 +136,9 @@ class MicroVLMProcessor(ProcessorMixin):
     @staticmethod
     def _one_image_per_text(images: list, num_texts: int) -> list:
         if len(images) != num_texts:
-            raise ValueError(f"MicroVLMProcessor: got {len(images)} images for {num_texts} texts; give one image per text")
+            raise ValueError(
+                f"MicroVLMProcessor: got {len(images)} images for {num_texts} texts; give one image per text"
+            )
         flat = []
         for index, item in enumerate(images):
             if isinstance(item, (list, tuple)):
@@ -154,11 +166,20 @@ class MicroVLMProcessor(ProcessorMixin):
         else:
             raise ValueError(f"MicroVLMProcessor.from_preset: no tokenizer known for preset {name!r}")
         image_processor = AutoImageProcessor.from_pretrained(IMAGE_PROCESSORS_DIR / name)
-        crop = image_processor.crop_size["height"] if image_processor.do_center_crop else image_processor.size["height"]
+        crop = (
+            image_processor.crop_size["height"] if image_processor.do_center_crop else image_processor.size["height"]
+        )
         if crop != config.vision_config.image_size:
-            raise ValueError(f"preset {name!r}: image processor gives {crop} px, the vision tower expects {config.vision_config.image_size}")
-        return cls(image_processor, tokenizer, image_token=image_token, num_image_tokens=config.num_image_tokens,
-                   chat_template=tokenizer.chat_template)
+            raise ValueError(
+                f"preset {name!r}: image processor gives {crop} px, the vision tower expects {config.vision_config.image_size}"
+            )
+        return cls(
+            image_processor,
+            tokenizer,
+            image_token=image_token,
+            num_image_tokens=config.num_image_tokens,
+            chat_template=tokenizer.chat_template,
+        )
 
 
 __all__ = ["MicroVLMProcessor"]

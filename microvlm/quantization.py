@@ -23,7 +23,9 @@ def nf4_quantization_config(device: torch.device | str):
     """
     device = torch.device(device)
     if device.type not in ("cpu", "cuda"):
-        logger.warning("4-bit loading skipped: bitsandbytes supports cpu and cuda, not %s; loading full precision", device.type)
+        logger.warning(
+            "4-bit loading skipped: bitsandbytes supports cpu and cuda, not %s; loading full precision", device.type
+        )
         return None
     try:
         import bitsandbytes  # noqa: F401
@@ -41,7 +43,9 @@ def nf4_quantization_config(device: torch.device | str):
     )
 
 
-def add_qlora(model, rank: int = 16, alpha: int = 32, dropout: float = 0.05, trainable_modules: list[str] | None = None):
+def add_qlora(
+    model, rank: int = 16, alpha: int = 32, dropout: float = 0.05, trainable_modules: list[str] | None = None
+):
     """QLoRA: `prepare_model_for_kbit_training`, then LoRA on the LM's seven projections (not the vision tower).
 
     `trainable_modules` (e.g. ["adapter", "alignment"]) stay fully trainable beside the LoRA weights. Gradient

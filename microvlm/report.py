@@ -50,7 +50,9 @@ def _attention_over_images(model, processor, rows: list[dict], path: Path) -> No
         axes[0, column].imshow(row["image"])
         axes[0, column].set_title(row["text"], fontsize=6)
         axes[1, column].imshow(row["image"])
-        axes[1, column].imshow(heat.numpy(), alpha=0.6, cmap="inferno", extent=(0, row["image"].width, row["image"].height, 0))
+        axes[1, column].imshow(
+            heat.numpy(), alpha=0.6, cmap="inferno", extent=(0, row["image"].width, row["image"].height, 0)
+        )
         for axis in axes[:, column]:
             axis.axis("off")
     figure.tight_layout()
@@ -96,63 +98,135 @@ def _real_photo_lines(results: dict[str, Any]) -> list[str]:
     if not photos:
         return []
     examples = "; ".join(f"{e['photo']}: “{e['generated']}”" for e in photos["examples"][:5])
-    return ["## Real photos (smoke test)", "", f"{photos['count']} photos from scikit-image, scikit-learn and matplotlib: "
-            f"BLEU-4 {photos['bleu']:.1f}, ROUGE-L {photos['rouge_l']:.3f}, CIDEr-D {photos['cider_d']:.2f}. {examples}", ""]
+    return [
+        "## Real photos (smoke test)",
+        "",
+        f"{photos['count']} photos from scikit-image, scikit-learn and matplotlib: "
+        f"BLEU-4 {photos['bleu']:.1f}, ROUGE-L {photos['rouge_l']:.3f}, CIDEr-D {photos['cider_d']:.2f}. {examples}",
+        "",
+    ]
 
 
 def write_report(path: Path, results: dict[str, Any], plots: dict[str, str]) -> None:
     captions = results["captions"]
     chance = captions["chance"]["attributes"]
-    lines = [f"# MicroVLM evaluation: `{results['model_dir']}`", "",
-             f"Built-in shapes set, test split: {results['counts']}. Baselines come from the same run.", "",
-             "## Captions", "", "| inputs | BLEU-4 | ROUGE-L | CIDEr-D | METEOR | colour | shape | count | position | all four | held-out pairs (mean) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# MicroVLM evaluation: `{results['model_dir']}`",
+        "",
+        f"Built-in shapes set, test split: {results['counts']}. Baselines come from the same run.",
+        "",
+        "## Captions",
+        "",
+        "| inputs | BLEU-4 | ROUGE-L | CIDEr-D | METEOR | colour | shape | count | position | all four | held-out pairs (mean) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in ("model", "blank images", "shuffled images", "memory on"):
         c = captions[name]
         a = c["attributes"]
         meteor = f"{c['meteor']:.3f}" if "meteor" in c else "–"  # needs Java and microvlm[meteor]
-        lines.append(f"| {name} | {c['bleu']:.1f} | {c['rouge_l']:.3f} | {c['cider_d']:.2f} | {meteor} | {_pct(a['colour'])} | {_pct(a['shape'])} | "
-                     f"{_pct(a['count'])} | {_pct(a['position'])} | {_pct(a['all'])} | {_pct(c['attributes_held_out_pairs']['mean'])} |")
-    lines.append(f"| chance | | | | | {_pct(chance['colour'])} | {_pct(chance['shape'])} | {_pct(chance['count'])} | {_pct(chance['position'])} | {_pct(chance['all'])} | |")
-    lines += ["", f"Perplexity of the captions: {results['perplexity']['model']:.2f} (uniform: {results['perplexity']['chance']}).", "",
-              "Examples: " + "; ".join(f"“{e['generated']}” for “{e['reference']}”" for e in captions["examples"][:4]), "",
-              "## Questions", "", "| inputs | exact match |", "|---|---|",
-              f"| model | {_pct(results['qa']['model'])} |", f"| blank images | {_pct(results['qa']['blank images'])} |",
-              f"| memory on (a written episode; ScopeNet should keep it out) | {_pct(results['qa']['memory on'])} |",
-              f"| chance | {_pct(results['qa']['chance'])} |", "",
-              *_real_photo_lines(results),
-              f"## Retrieval ({results['retrieval']['candidates']} candidates)", "", "| | R@1 | R@5 |", "|---|---|---|"]
+        lines.append(
+            f"| {name} | {c['bleu']:.1f} | {c['rouge_l']:.3f} | {c['cider_d']:.2f} | {meteor} | {_pct(a['colour'])} | {_pct(a['shape'])} | "
+            f"{_pct(a['count'])} | {_pct(a['position'])} | {_pct(a['all'])} | {_pct(c['attributes_held_out_pairs']['mean'])} |"
+        )
+    lines.append(
+        f"| chance | | | | | {_pct(chance['colour'])} | {_pct(chance['shape'])} | {_pct(chance['count'])} | {_pct(chance['position'])} | {_pct(chance['all'])} | |"
+    )
+    lines += [
+        "",
+        f"Perplexity of the captions: {results['perplexity']['model']:.2f} (uniform: {results['perplexity']['chance']}).",
+        "",
+        "Examples: " + "; ".join(f"“{e['generated']}” for “{e['reference']}”" for e in captions["examples"][:4]),
+        "",
+        "## Questions",
+        "",
+        "| inputs | exact match |",
+        "|---|---|",
+        f"| model | {_pct(results['qa']['model'])} |",
+        f"| blank images | {_pct(results['qa']['blank images'])} |",
+        f"| memory on (a written episode; ScopeNet should keep it out) | {_pct(results['qa']['memory on'])} |",
+        f"| chance | {_pct(results['qa']['chance'])} |",
+        "",
+        *_real_photo_lines(results),
+        f"## Retrieval ({results['retrieval']['candidates']} candidates)",
+        "",
+        "| | R@1 | R@5 |",
+        "|---|---|---|",
+    ]
     r = results["retrieval"]["model"]
-    lines += [f"| image → text | {_pct(r['image_to_text_r@1'])} | {_pct(r['image_to_text_r@5'])} |",
-              f"| text → image | {_pct(r['text_to_image_r@1'])} | {_pct(r['text_to_image_r@5'])} |",
-              f"| chance | {_pct(results['retrieval']['chance']['r@1'])} | {_pct(results['retrieval']['chance']['r@5'])} |", "",
-              f"## Episodic recall (memory of {results['recall']['slots']} slots)", "", "| memory | exact match |", "|---|---|"]
-    for name in ("memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image",
-                 "after editing: the new image's answer", "after editing: the old image's answer",
-                 "after another episode is written on top", "asked image in context (upper bound)", "chance"):
+    lines += [
+        f"| image → text | {_pct(r['image_to_text_r@1'])} | {_pct(r['image_to_text_r@5'])} |",
+        f"| text → image | {_pct(r['text_to_image_r@1'])} | {_pct(r['text_to_image_r@5'])} |",
+        f"| chance | {_pct(results['retrieval']['chance']['r@1'])} | {_pct(results['retrieval']['chance']['r@5'])} |",
+        "",
+        f"## Episodic recall (memory of {results['recall']['slots']} slots)",
+        "",
+        "| memory | exact match |",
+        "|---|---|",
+    ]
+    for name in (
+        "memory",
+        "no memory",
+        "empty memory",
+        "another episode's memory",
+        "after forgetting the asked image",
+        "after editing: the new image's answer",
+        "after editing: the old image's answer",
+        "after another episode is written on top",
+        "asked image in context (upper bound)",
+        "chance",
+    ):
         lines.append(f"| {name} | {_pct(results['recall'][name])} |")
     scope = results["scope"]
-    lines += ["", "By position of the asked image in the episode: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["by_position"].items()),
-              "", "By asked attribute: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["by_attribute"].items()),
-              "", f"ScopeNet decisions: {_pct(scope['accuracy'])} right (recall rows let in {_pct(scope['recall rows on'])}, "
-              f"caption/question rows kept out {_pct(scope['caption/qa rows off'])}).",
-              "", "Capacity (episode length: accuracy): " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["capacity"].items()), "",
-              "## Analysis", "", "Sliced Epps–Pulley (LeJEPA; lower is more Gaussian), beside a Monte-Carlo null of Gaussian samples of the same N, D:", "",
-              "| embeddings | N × D | statistic | null mean | null 95% |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "By position of the asked image in the episode: "
+        + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["by_position"].items()),
+        "",
+        "By asked attribute: " + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["by_attribute"].items()),
+        "",
+        f"ScopeNet decisions: {_pct(scope['accuracy'])} right (recall rows let in {_pct(scope['recall rows on'])}, "
+        f"caption/question rows kept out {_pct(scope['caption/qa rows off'])}).",
+        "",
+        "Capacity (episode length: accuracy): "
+        + ", ".join(f"{k}: {_pct(v)}" for k, v in results["recall"]["capacity"].items()),
+        "",
+        "## Analysis",
+        "",
+        "Sliced Epps–Pulley (LeJEPA; lower is more Gaussian), beside a Monte-Carlo null of Gaussian samples of the same N, D:",
+        "",
+        "| embeddings | N × D | statistic | null mean | null 95% |",
+        "|---|---|---|---|---|",
+    ]
     for name in ("projected_cls", "pooled_prefix", "mean_text"):
         e = results["analysis"][name]
-        lines.append(f"| {name} | {e['n']} × {e['dim']} | {e['statistic']:.3f} | {e['null']['mean']:.3f} | {e['null']['q95']:.3f} |")
+        lines.append(
+            f"| {name} | {e['n']} × {e['dim']} | {e['statistic']:.3f} | {e['null']['mean']:.3f} | {e['null']['q95']:.3f} |"
+        )
     probe = results["analysis"]["vision_probe"]
-    lines += ["", f"Linear probes (ridge, trained on {probe['rows_train']} test images, scored on the other "
-              f"{probe['rows_test']}): what the image encoder makes linearly readable.", "",
-              "| features | colour | shape | count | position |", "|---|---|---|---|---|"]
-    for name, title in (("pooled_vision", "vision tower, CLS or mean of patch tokens"),
-                        ("prefix", "adapter prefix, flattened"), ("chance", "chance")):
+    lines += [
+        "",
+        f"Linear probes (ridge, trained on {probe['rows_train']} test images, scored on the other "
+        f"{probe['rows_test']}): what the image encoder makes linearly readable.",
+        "",
+        "| features | colour | shape | count | position |",
+        "|---|---|---|---|---|",
+    ]
+    for name, title in (
+        ("pooled_vision", "vision tower, CLS or mean of patch tokens"),
+        ("prefix", "adapter prefix, flattened"),
+        ("chance", "chance"),
+    ):
         cells = " | ".join(_pct(probe[name][a]) for a in ("colour", "shape", "count", "position"))
         lines.append(f"| {title} | {cells} |")
     a, m = results["analysis"]["prefix_attention"], results["analysis"]["memory_slots"]
-    lines += ["", f"Text → prefix attention: entropy {a['entropy']:.3f} nats ({a['normalised_entropy']:.2f} of uniform), "
-              f"sparsity {a['sparsity']:.2f}, Gini {a['gini']:.2f}.",
-              f"Memory slots: {m['active_fraction']:.2f} of {m['slots']} active, effective {m['effective_slots']:.1f}.", "", "## Plots", ""]
+    lines += [
+        "",
+        f"Text → prefix attention: entropy {a['entropy']:.3f} nats ({a['normalised_entropy']:.2f} of uniform), "
+        f"sparsity {a['sparsity']:.2f}, Gini {a['gini']:.2f}.",
+        f"Memory slots: {m['active_fraction']:.2f} of {m['slots']} active, effective {m['effective_slots']:.1f}.",
+        "",
+        "## Plots",
+        "",
+    ]
     lines += [f"![{title}]({file})" for title, file in plots.items()]
     path.write_text("\n".join(lines) + "\n")

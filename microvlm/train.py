@@ -16,8 +16,13 @@ from typing import Any
 import torch
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
-from .callbacks import (GradientFlowCallback, MemoryCheckpointCallback, QuantisationWarmupCallback,
-                        VisualisationCallback, group_of)
+from .callbacks import (
+    GradientFlowCallback,
+    MemoryCheckpointCallback,
+    QuantisationWarmupCallback,
+    VisualisationCallback,
+    group_of,
+)
 from .configuration_microvlm import MicroVLMConfig
 from .data.collator import MicroVLMCollator
 from .modeling_microvlm import MicroVLMForCausalLM
@@ -40,7 +45,9 @@ class ModelArguments:
     use_memory: bool = field(default=False, metadata={"help": "read the episodic memory in this stage"})
     train_groups: str = field(
         default="adapter,alignment",
-        metadata={"help": "comma-separated module groups to train: vision, adapter, alignment, memory, scope_net, language"},
+        metadata={
+            "help": "comma-separated module groups to train: vision, adapter, alignment, memory, scope_net, language"
+        },
     )
     trainable_lm_layers: int = field(default=0, metadata={"help": "also train the last N decoder layers of the LM"})
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 4-bit frozen vision tower and LM (bitsandbytes)"})
@@ -72,7 +79,9 @@ class RunArguments:
     stage: str = field(default="stage1", metadata={"help": "stage1, stage2, quantized (BitNet QAT) or both"})
     recipe: str | None = field(default=None, metadata={"help": "named recipe in configs/: demo, test"})
     gradient_flow_steps: int = field(default=50, metadata={"help": "log gradient flow every N steps"})
-    visualisation_steps: int = field(default=200, metadata={"help": "draw attention/addressing/similarity every N steps"})
+    visualisation_steps: int = field(
+        default=200, metadata={"help": "draw attention/addressing/similarity every N steps"}
+    )
 
 
 def read_config(name: str) -> dict[str, Any]:
@@ -99,9 +108,16 @@ def parse(argv: list[str], stage: str, recipe: str | None):
     parser = HfArgumentParser((ModelArguments, DataArguments, RunArguments, TrainingArguments))
     # remove_unused_columns=False: the collator needs the raw columns (images, episodes), not the model's
     # signature. use_cpu on CPU-only machines: that is what makes torchrun/accelerate start gloo DDP there.
-    defaults = {"output_dir": "outputs/microvlm", "remove_unused_columns": False, "report_to": "none",
-                "save_strategy": "steps", "eval_strategy": "steps", "logging_strategy": "steps",
-                "use_cpu": not torch.cuda.is_available(), **stage_defaults(stage, recipe)}
+    defaults = {
+        "output_dir": "outputs/microvlm",
+        "remove_unused_columns": False,
+        "report_to": "none",
+        "save_strategy": "steps",
+        "eval_strategy": "steps",
+        "logging_strategy": "steps",
+        "use_cpu": not torch.cuda.is_available(),
+        **stage_defaults(stage, recipe),
+    }
     parser.set_defaults(**defaults)
     return parser.parse_args_into_dataclasses(args=argv)
 
@@ -170,7 +186,9 @@ def build_datasets(data_args: DataArguments, image_size: int, seed: int):
         return splits["train"], splits["validation"]
     from .data.sources import SkipBadSamples, load_image_text_dataset
 
-    train = load_image_text_dataset(data_args.dataset, split="train", image_column=data_args.image_column, text_column=data_args.text_column)
+    train = load_image_text_dataset(
+        data_args.dataset, split="train", image_column=data_args.image_column, text_column=data_args.text_column
+    )
     return SkipBadSamples(train), None
 
 
@@ -191,9 +209,7 @@ def build_trainer(stage: str, argv: list[str], recipe: str | None, init_from: st
     train_dataset, eval_dataset = build_datasets(data_args, model.config.vision_config.image_size, training_args.seed)
     if eval_dataset is None:
         training_args.eval_strategy = "no"
-    collator = MicroVLMCollator(
-        processor, with_episodes=model_args.use_memory, max_length=data_args.max_length
-    )
+    collator = MicroVLMCollator(processor, with_episodes=model_args.use_memory, max_length=data_args.max_length)
     probe = eval_dataset if eval_dataset is not None else train_dataset
     probe_batch = collator([probe[i] for i in range(min(8, len(probe)))])
     callbacks = [

@@ -8,7 +8,15 @@ from transformers import Trainer
 from .bitnet import quantisation_stats
 
 # Output fields of MicroVLMCausalLMOutput that are logged (averaged over the steps between two log lines).
-LOGGED_TERMS = ("lm_loss", "alignment_loss", "memory_kl", "addressing_kl", "memory_step_loss", "scope_loss", "scope_gate")
+LOGGED_TERMS = (
+    "lm_loss",
+    "alignment_loss",
+    "memory_kl",
+    "addressing_kl",
+    "memory_step_loss",
+    "scope_loss",
+    "scope_gate",
+)
 
 
 class MicroVLMTrainer(Trainer):

@@ -33,7 +33,9 @@ class MicroVLMVisionAdapter(nn.Module):
         self.position_embeddings = nn.Parameter(torch.empty(config.num_image_tokens, hidden))
         self.norm = nn.LayerNorm(hidden)
 
-    def forward(self, patches: torch.Tensor, return_attention: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(
+        self, patches: torch.Tensor, return_attention: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """patches (B, P, Dv) → (prefix (B, k, D), pooling attention (B, k, P) averaged over heads, or None)."""
         keys = self.mlp(self.input_proj(patches))
         if self.patch_position_embeddings is not None:

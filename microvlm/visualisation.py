@@ -45,20 +45,31 @@ def eager_language_attention(model) -> Iterator[None]:
 def text_prefix_attention(model, batch: dict[str, torch.Tensor], row: int = 0) -> Figure:
     """Attention of row `row`'s text tokens (y) over its image prefix tokens (x), averaged over layers and heads."""
     with eager_language_attention(model):
-        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    pixel_values=batch.get("pixel_values"), output_attentions=True, use_memory=False)
+        out = model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            pixel_values=batch.get("pixel_values"),
+            output_attentions=True,
+            use_memory=False,
+        )
     attention = torch.stack(out.attentions).mean((0, 2))[row]  # (T, T)
     ids, mask = batch["input_ids"][row], batch["attention_mask"][row].bool()
     prefix = (ids == model.config.image_token_id) & mask
     text = (ids != model.config.image_token_id) & mask
-    return _heatmap(attention[text][:, prefix], "LM attention: text tokens × image prefix", "prefix token", "text token")
+    return _heatmap(
+        attention[text][:, prefix], "LM attention: text tokens × image prefix", "prefix token", "text token"
+    )
 
 
 @torch.no_grad()
 def memory_addressing(model, batch: dict[str, torch.Tensor], row: int = 0) -> Figure:
     """Addressing weights w (episode steps × slots) of row `row`'s episode against the memory it wrote."""
-    weights = model.memory_addresses(batch["episode_input_ids"], batch["episode_attention_mask"],
-                                     batch.get("episode_pixel_values"), batch.get("episode_mask"))[:, row]  # (E, K)
+    weights = model.memory_addresses(
+        batch["episode_input_ids"],
+        batch["episode_attention_mask"],
+        batch.get("episode_pixel_values"),
+        batch.get("episode_mask"),
+    )[:, row]  # (E, K)
     return _heatmap(weights, "memory addressing: episode step × slot", "slot", "episode step", cmap="coolwarm")
 
 

@@ -33,25 +33,42 @@ def recall_figures(model_dir: str, num_test: int, seed: int) -> dict:
     with_memory = evaluation.generate(model, processor, recalls, args, "memory", with_episodes=True)
     edits = evaluation.recall_after_memory_edits(model, processor, recalls, args)
     first = MicroVLMCollator(processor, with_episodes=True)(recalls[:1])
-    written = model.write_episodes(first["episode_input_ids"], first["episode_attention_mask"],
-                                   first["episode_pixel_values"], first["episode_mask"])
-    long = list(evaluation.build_synthetic_dataset(0, 0, 60, image_size=size, episode_size=8, seed=seed + 8,
-                                                   kinds=("recall",))["test"])
+    written = model.write_episodes(
+        first["episode_input_ids"],
+        first["episode_attention_mask"],
+        first["episode_pixel_values"],
+        first["episode_mask"],
+    )
+    long = list(
+        evaluation.build_synthetic_dataset(
+            0, 0, 60, image_size=size, episode_size=8, seed=seed + 8, kinds=("recall",)
+        )["test"]
+    )
     match = evaluation.exact_match
     return {
         "memory": match(with_memory, answers),
         "memory off": match(evaluation.generate(model, processor, recalls, args, "off", use_memory=False), answers),
-        "another episode": match(evaluation.generate(model, processor, recalls, args, "other", with_episodes=True,
-                                                     episodes=evaluation.other_episode), answers),
+        "another episode": match(
+            evaluation.generate(
+                model, processor, recalls, args, "other", with_episodes=True, episodes=evaluation.other_episode
+            ),
+            answers,
+        ),
         "forgotten": match(edits["after forgetting the asked image"], answers),
         "edited, new answer": match(edits["after editing"], edits["edited answers"]),
         "edited, old answer": match(edits["after editing"], answers),
-        "by attribute": {name: match([p for p, r in zip(with_memory, recalls) if r["asked"] == name],
-                                     [r["answer"] for r in recalls if r["asked"] == name])
-                         for name in evaluation.ATTRIBUTES},
+        "by attribute": {
+            name: match(
+                [p for p, r in zip(with_memory, recalls) if r["asked"] == name],
+                [r["answer"] for r in recalls if r["asked"] == name],
+            )
+            for name in evaluation.ATTRIBUTES
+        },
         "scope": evaluation.scope_decisions(model, processor, rows, args, written),
-        "8-image episodes": match(evaluation.generate(model, processor, long, args, "8 images", with_episodes=True),
-                                  [row["answer"] for row in long]),
+        "8-image episodes": match(
+            evaluation.generate(model, processor, long, args, "8 images", with_episodes=True),
+            [row["answer"] for row in long],
+        ),
     }
 
 
@@ -64,8 +81,23 @@ def main() -> None:
     parser.add_argument("train_args", nargs="*", help="after --: flags for microvlm.train")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
-    train(["--stage", "stage2", "--recipe", "demo", "--init_from", args.stage1, "--output_dir", args.output_dir,
-           "--eval_strategy", "no", "--save_steps", "100000", *args.train_args])
+    train(
+        [
+            "--stage",
+            "stage2",
+            "--recipe",
+            "demo",
+            "--init_from",
+            args.stage1,
+            "--output_dir",
+            args.output_dir,
+            "--eval_strategy",
+            "no",
+            "--save_steps",
+            "100000",
+            *args.train_args,
+        ]
+    )
     torch.manual_seed(args.seed)
     print(json.dumps(recall_figures(args.output_dir, args.num_test, args.seed)))
 

@@ -110,12 +110,14 @@ def test_a_bitlinear_regression_learns():
 
 def make_tree() -> nn.Module:
     torch.manual_seed(0)
-    return nn.ModuleDict({
-        "projection": nn.Linear(8, 8),
-        "scope_net": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8, bias=False)),
-        "scope_net_head": nn.Linear(8, 8),  # shares a string prefix with scope_net but is another module
-        "other": nn.Sequential(nn.Linear(8, 8)),
-    })
+    return nn.ModuleDict(
+        {
+            "projection": nn.Linear(8, 8),
+            "scope_net": nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 8, bias=False)),
+            "scope_net_head": nn.Linear(8, 8),  # shares a string prefix with scope_net but is another module
+            "other": nn.Sequential(nn.Linear(8, 8)),
+        }
+    )
 
 
 def test_conversion_replaces_the_named_layers_and_keeps_their_parameters():

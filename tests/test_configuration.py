@@ -10,7 +10,12 @@ def test_presets_have_the_reference_dimensions():
     assert isinstance(vision, DeiTConfig) and isinstance(text, Qwen2Config)
     assert (vision.image_size, vision.patch_size, vision.hidden_size) == (224, 16, 192)
     assert config.num_patches == 196 and config.num_image_tokens == 25
-    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (896, 24, 14, 2)
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads) == (
+        896,
+        24,
+        14,
+        2,
+    )
     assert text.hidden_size // text.num_attention_heads == 64 and text.vocab_size == 151936
     assert config.tie_word_embeddings and config.image_token_id == 151655
     assert "tiny" in MicroVLMConfig.preset_names()
@@ -26,7 +31,9 @@ def test_prefix_length_is_clamped_ceil_of_patches_over_eight(image_size, patch_s
 
 
 def test_sub_configs_accept_dicts_objects_and_any_model_type():
-    from_objects = MicroVLMConfig(vision_config=DeiTConfig(hidden_size=48), text_config=Qwen2Config(hidden_size=64, num_attention_heads=4))
+    from_objects = MicroVLMConfig(
+        vision_config=DeiTConfig(hidden_size=48), text_config=Qwen2Config(hidden_size=64, num_attention_heads=4)
+    )
     from_dicts = MicroVLMConfig(
         vision_config={"model_type": "deit", "hidden_size": 48},
         text_config={"model_type": "qwen2", "hidden_size": 64, "num_attention_heads": 4},

@@ -15,13 +15,24 @@ from PIL import Image
 from microvlm import MicroVLMProcessor
 from microvlm.data.collator import IGNORE_INDEX, MicroVLMCollator
 from microvlm.data.sources import SkipBadSamples, load_image_text_dataset
-from microvlm.data.synthetic_shapes import (COLOURS, HELD_OUT_PAIRS, SHAPES, answer_for, build_synthetic_dataset,
-                                            caption_for, edited_recall_sample, parse_attributes, render_image)
+from microvlm.data.synthetic_shapes import (
+    COLOURS,
+    HELD_OUT_PAIRS,
+    SHAPES,
+    answer_for,
+    build_synthetic_dataset,
+    caption_for,
+    edited_recall_sample,
+    parse_attributes,
+    render_image,
+)
 
 
 @pytest.fixture(scope="module")
 def shapes():
-    return build_synthetic_dataset(num_train=300, num_validation=60, num_test=200, image_size=64, episode_size=3, seed=0)
+    return build_synthetic_dataset(
+        num_train=300, num_validation=60, num_test=200, image_size=64, episode_size=3, seed=0
+    )
 
 
 def png_bytes(colour="red", size=(20, 16)) -> bytes:
@@ -41,7 +52,10 @@ def test_the_built_in_set_is_deterministic_by_seed():
 
 
 def test_held_out_pairs_only_in_evaluation_splits_and_every_value_in_train(shapes):
-    pairs = {split: {(r["colour"], r["shape"]) for r in shapes[split].select_columns(["colour", "shape"])} for split in shapes}
+    pairs = {
+        split: {(r["colour"], r["shape"]) for r in shapes[split].select_columns(["colour", "shape"])}
+        for split in shapes
+    }
     assert not pairs["train"] & set(HELD_OUT_PAIRS)
     assert pairs["test"] & set(HELD_OUT_PAIRS)
     assert {c for c, _ in pairs["train"]} == set(COLOURS) and {s for _, s in pairs["train"]} == set(SHAPES)
@@ -70,8 +84,15 @@ def test_rendered_shapes_have_the_named_colour(colour):
     assert len(saturated) > 20 and nearest == colour
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [({"num_train": -1}, "num_train"), ({"image_size": 4}, "image_size"),
-                                                 ({"episode_size": 1}, "episode_size"), ({"kinds": ("poems",)}, "kinds")])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_train": -1}, "num_train"),
+        ({"image_size": 4}, "image_size"),
+        ({"episode_size": 1}, "episode_size"),
+        ({"kinds": ("poems",)}, "kinds"),
+    ],
+)
 def test_bad_arguments_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         build_synthetic_dataset(**{"num_train": 1, "num_validation": 0, "num_test": 0, **kwargs})
@@ -121,7 +142,9 @@ def test_an_edited_recall_sample_differs_in_the_asked_attribute_only_at_the_aske
 def test_image_folder_with_jsonl_or_csv_and_missing_columns(tmp_path):
     for name in ("a.png", "b.png"):
         (tmp_path / name).write_bytes(png_bytes())
-    (tmp_path / "metadata.jsonl").write_text('{"file_name": "a.png", "caption": "one"}\n{"file_name": "b.png", "caption": "two"}\n')
+    (tmp_path / "metadata.jsonl").write_text(
+        '{"file_name": "a.png", "caption": "one"}\n{"file_name": "b.png", "caption": "two"}\n'
+    )
     dataset = load_image_text_dataset(str(tmp_path), text_column="caption")
     assert sorted(dataset["text"]) == ["one", "two"] and dataset[0]["image"].size == (20, 16)
     with pytest.raises(ValueError, match="no column 'text'.*caption"):
@@ -146,8 +169,14 @@ def test_webdataset_shards_load_with_their_captions(tmp_path):
 def test_bad_samples_are_skipped_and_counted(tmp_path):
     import datasets
 
-    rows = {"image": [{"bytes": png_bytes(), "path": None}, {"bytes": b"not an image", "path": None},
-                      {"bytes": png_bytes(), "path": None}], "text": ["good", "broken", ""]}
+    rows = {
+        "image": [
+            {"bytes": png_bytes(), "path": None},
+            {"bytes": b"not an image", "path": None},
+            {"bytes": png_bytes(), "path": None},
+        ],
+        "text": ["good", "broken", ""],
+    }
     dataset = datasets.Dataset.from_dict(rows).cast_column("image", datasets.Image())
     safe = SkipBadSamples(dataset)
     served = [safe[i]["text"] for i in range(len(safe))]
@@ -191,10 +220,17 @@ def test_cc12m_download_against_a_local_server_counts_failures_and_resumes(tmp_p
     base = f"http://127.0.0.1:{server.server_address[1]}"
     try:
         lines = [f"{base}/img{i}.png\tblue picture {i}" for i in range(5)]
-        lines += [f"{base}/missing.png\tmissing", f"{base}/html\tan html page", f"{base}/slow\tslow",
-                  "http://127.0.0.1:9/refused.png\trefused", f"{base}/img9.png\tbeyond the test samples"]
+        lines += [
+            f"{base}/missing.png\tmissing",
+            f"{base}/html\tan html page",
+            f"{base}/slow\tslow",
+            "http://127.0.0.1:9/refused.png\trefused",
+            f"{base}/img9.png\tbeyond the test samples",
+        ]
         (tmp_path / "cc12m.tsv").write_text("\n".join(lines) + "\n")
-        stats = download_cc12m(tmp_path / "cc12m.tsv", tmp_path / "out", workers=1, threads=4, timeout=1, retries=0, test_samples=9)
+        stats = download_cc12m(
+            tmp_path / "cc12m.tsv", tmp_path / "out", workers=1, threads=4, timeout=1, retries=0, test_samples=9
+        )
         assert stats["total"] == 9 and stats["ok"] == 5 and sum(stats["failed"].values()) == 4
         reasons = " ".join(stats["failed"]).lower()
         assert "404" in reasons and "timed out" in reasons and "refused" in reasons and "decod" in reasons
@@ -202,7 +238,9 @@ def test_cc12m_download_against_a_local_server_counts_failures_and_resumes(tmp_p
         dataset = load_image_text_dataset(str(tmp_path / "out"))
         assert sorted(dataset["text"]) == [f"blue picture {i}" for i in range(5)]
         hits = len(_Server.hits)
-        download_cc12m(tmp_path / "cc12m.tsv", tmp_path / "out", workers=1, threads=4, timeout=1, retries=0, test_samples=9)
+        download_cc12m(
+            tmp_path / "cc12m.tsv", tmp_path / "out", workers=1, threads=4, timeout=1, retries=0, test_samples=9
+        )
         assert len(_Server.hits) == hits  # resumed: nothing fetched again
     finally:
         server.shutdown()

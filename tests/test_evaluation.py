@@ -24,18 +24,43 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
     from microvlm.eval import main as evaluate_main
     from microvlm.hub_upload import main as upload_main
 
-    results = evaluate_main(["--model_dir", str(saved_model), "--output_dir", str(tmp_path / "eval"), "--num_test", "48",
-                             "--num_retrieval", "12", "--capacity_samples", "6", "--capacity_episode_sizes", "2,4",
-                             "--num_slices", "16", "--max_new_tokens", "6"])
+    results = evaluate_main(
+        [
+            "--model_dir",
+            str(saved_model),
+            "--output_dir",
+            str(tmp_path / "eval"),
+            "--num_test",
+            "48",
+            "--num_retrieval",
+            "12",
+            "--capacity_samples",
+            "6",
+            "--capacity_episode_sizes",
+            "2,4",
+            "--num_slices",
+            "16",
+            "--max_new_tokens",
+            "6",
+        ]
+    )
     saved = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     assert saved["headline"] == results["headline"]
     for key in ("captions", "qa", "retrieval", "recall", "analysis", "perplexity", "real_photos"):
         assert key in saved
     assert saved["real_photos"]["count"] == 23  # every photo of the committed list is found offline
     assert set(saved["captions"]) >= {"model", "blank images", "shuffled images", "memory on", "chance"}
-    assert {"memory", "no memory", "empty memory", "another episode's memory", "after forgetting the asked image",
-            "after editing: the new image's answer", "after editing: the old image's answer",
-            "after another episode is written on top", "asked image in context (upper bound)"} <= set(saved["recall"])
+    assert {
+        "memory",
+        "no memory",
+        "empty memory",
+        "another episode's memory",
+        "after forgetting the asked image",
+        "after editing: the new image's answer",
+        "after editing: the old image's answer",
+        "after another episode is written on top",
+        "asked image in context (upper bound)",
+    } <= set(saved["recall"])
     assert set(saved["recall"]["by_attribute"]) <= {"colour", "shape", "count", "position"}
     assert 0 <= saved["scope"]["accuracy"] <= 1 and "memory on" in saved["qa"]
     probe = saved["analysis"]["vision_probe"]
@@ -49,13 +74,26 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
     for plot in ("image_attention.png", "retrieval_similarity.png", "memory_addressing.png"):
         assert (tmp_path / "eval" / plot).is_file()
 
-    folder = upload_main(["--model_dir", str(saved_model), "--eval_json", str(tmp_path / "eval" / "eval_results.json"),
-                          "--repo_id", "someone/microvlm-tiny", "--output", str(tmp_path / "hub"), "--dry-run"])
+    folder = upload_main(
+        [
+            "--model_dir",
+            str(saved_model),
+            "--eval_json",
+            str(tmp_path / "eval" / "eval_results.json"),
+            "--repo_id",
+            "someone/microvlm-tiny",
+            "--output",
+            str(tmp_path / "hub"),
+            "--dry-run",
+        ]
+    )
     card = (folder / "README.md").read_text()
-    assert card.startswith("---\nlicense: \"apache-2.0\"") and "library_name: \"transformers\"" in card
-    assert "pipeline_tag: \"image-text-to-text\"" in card and "model-index" in card
+    assert card.startswith('---\nlicense: "apache-2.0"') and 'library_name: "transformers"' in card
+    assert 'pipeline_tag: "image-text-to-text"' in card and "model-index" in card
     for entry in saved["headline"]:  # the card's figures are the eval JSON's
         assert f"value: {json.dumps(entry['value'])}" in card
-    quick_start = card.split("```python\n", 1)[1].split("```", 1)[0].replace('"someone/microvlm-tiny"', repr(str(folder)))
+    quick_start = (
+        card.split("```python\n", 1)[1].split("```", 1)[0].replace('"someone/microvlm-tiny"', repr(str(folder)))
+    )
     (tmp_path / "elsewhere").mkdir()
     run_isolated("import sys\nsys.modules['microvlm'] = None\n" + quick_start, cwd=tmp_path / "elsewhere")

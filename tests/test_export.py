@@ -89,8 +89,23 @@ def test_warmup_callback_raises_strength_linearly_to_one():
 
 
 def test_quantized_stage_trains_ternary_layers_with_warmup_and_saves_them(tmp_path):
-    (output,) = main(["--stage", "quantized", "--recipe", "demo", "--max_steps", "4", "--bitnet_warmup_steps", "2",
-                      "--output_dir", str(tmp_path), *SMALL, "--eval_strategy", "no"])
+    (output,) = main(
+        [
+            "--stage",
+            "quantized",
+            "--recipe",
+            "demo",
+            "--max_steps",
+            "4",
+            "--bitnet_warmup_steps",
+            "2",
+            "--output_dir",
+            str(tmp_path),
+            *SMALL,
+            "--eval_strategy",
+            "no",
+        ]
+    )
     entries = [entry for entry in logged(Path(output)) if "lm_loss" in entry]
     assert [entry["bitnet/strength"] for entry in entries] == [0.5, 1.0]
     assert all(entry["bitnet/layers"] == 4 * 7 + 1 + 3 for entry in entries)  # LM body, W_M, ScopeNet
@@ -157,8 +172,9 @@ def test_default_export_is_smaller_and_loads_what_was_packed(tmp_path):
     result, packed, inputs = export_and_load(model, WeightFormats(), tmp_path)
     assert torch.equal(result["logits"], packed(**inputs).logits)
     embedding = packed.get_input_embeddings().weight
-    torch.testing.assert_close(embedding.double(), reference_int4(model.get_input_embeddings().weight.detach(), 64),
-                               rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        embedding.double(), reference_int4(model.get_input_embeddings().weight.detach(), 64), rtol=1e-6, atol=1e-7
+    )
     weights = (tmp_path / "export" / "model.safetensors").stat().st_size
     fp32 = sum(p.numel() for p in model.parameters()) * 4
     assert weights < fp32 / 4
@@ -221,8 +237,18 @@ def test_export_cli_with_vocabulary_trimming_writes_a_consistent_folder(tiny_mod
     MicroVLMProcessor.from_preset("tiny").save_pretrained(tmp_path / "trained")
     corpus = ["one red circle on the left", "two blue squares", "what colour are the shapes?", " red"] * 5
     (tmp_path / "corpus.txt").write_text("\n".join(corpus))
-    export(["--model_dir", str(tmp_path / "trained"), "--output_dir", str(tmp_path / "out"), "--keep_vocab", "40",
-            "--corpus_file", str(tmp_path / "corpus.txt")])
+    export(
+        [
+            "--model_dir",
+            str(tmp_path / "trained"),
+            "--output_dir",
+            str(tmp_path / "out"),
+            "--keep_vocab",
+            "40",
+            "--corpus_file",
+            str(tmp_path / "corpus.txt"),
+        ]
+    )
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(tmp_path / "out", trust_remote_code=True)
     vocab = model.config.text_config.vocab_size
@@ -238,8 +264,12 @@ def test_fidelity_table_gives_points_from_the_reference_and_marks_the_goal():
 
     def results(attributes: float, qa: float) -> dict:
         captions = {"attributes": {"mean": attributes}, "attributes_held_out_pairs": {"mean": 0.5}}
-        return {"captions": {"model": captions}, "qa": {"model": qa}, "recall": {"memory": 0.8},
-                "retrieval": {"model": {"image_to_text_r@1": 0.9}}}
+        return {
+            "captions": {"model": captions},
+            "qa": {"model": qa},
+            "recall": {"memory": 0.8},
+            "retrieval": {"model": {"image_to_text_r@1": 0.9}},
+        }
 
     table = fidelity_table({"fp": results(0.90, 0.80), "qat": results(0.87, 0.70)})
     assert "| caption attributes, mean | 90.0% | 87.0% (-3.0) |" in table

@@ -14,8 +14,13 @@ def greedy_without_cache(model, input_ids, attention_mask, pixel_values, steps: 
     (when on) is read from the prompt at every step, as `generate` reads it once from the prompt."""
     prompt = attention_mask
     for _ in range(steps):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, use_cache=False,
-                       memory_query_mask=prompt).logits
+        logits = model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            pixel_values=pixel_values,
+            use_cache=False,
+            memory_query_mask=prompt,
+        ).logits
         next_token = logits[:, -1].argmax(-1, keepdim=True)
         input_ids = torch.cat([input_ids, next_token], dim=1)
         attention_mask = torch.cat([attention_mask, torch.ones_like(next_token)], dim=1)
@@ -32,7 +37,9 @@ def generate_greedy(model, inputs, steps):
 def test_greedy_generate_equals_a_no_cache_argmax_loop(tiny_model, tiny_config):
     inputs = make_inputs(tiny_config, [6, 3])
     generated = generate_greedy(tiny_model, inputs, 8)
-    reference = greedy_without_cache(tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 8)
+    reference = greedy_without_cache(
+        tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 8
+    )
     assert torch.equal(generated, reference)
 
 
@@ -68,6 +75,10 @@ def test_sampling_is_reproducible_with_a_seed_and_differs_from_greedy(tiny_model
     runs = []
     for _ in range(2):
         torch.manual_seed(0)
-        runs.append(tiny_model.generate(**inputs, max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.95))
+        runs.append(
+            tiny_model.generate(
+                **inputs, max_new_tokens=12, min_new_tokens=12, do_sample=True, temperature=1.5, top_p=0.95
+            )
+        )
     assert torch.equal(runs[0], runs[1])
     assert not torch.equal(runs[0], generate_greedy(tiny_model, inputs, 12))

@@ -108,13 +108,16 @@ def test_memory_kl_matches_the_gaussian_formula_and_is_zero_at_the_prior():
     state = memory.write(torch.randn(4, 1, 16), prior)
     _, kl = memory.read(torch.randn(1, 1, 16), state)
     # Independent: sum over the C columns of KL(N(m_c, Σ) ‖ N(m0_c, Σ0)) with torch.distributions, ÷ C.
-    reference = sum(
-        torch.distributions.kl_divergence(
-            torch.distributions.MultivariateNormal(state.mean[0, :, c].double(), state.cov[0].double()),
-            torch.distributions.MultivariateNormal(prior.mean[0, :, c].double(), prior.cov[0].double()),
+    reference = (
+        sum(
+            torch.distributions.kl_divergence(
+                torch.distributions.MultivariateNormal(state.mean[0, :, c].double(), state.cov[0].double()),
+                torch.distributions.MultivariateNormal(prior.mean[0, :, c].double(), prior.cov[0].double()),
+            )
+            for c in range(16)
         )
-        for c in range(16)
-    ) / 16
+        / 16
+    )
     torch.testing.assert_close(kl["memory_kl"].double(), reference, rtol=1e-3, atol=1e-3)
 
 
@@ -133,7 +136,13 @@ def test_gradients_reach_the_prior_the_addressing_variance_and_the_lstm():
     state = memory.write(z, memory.prior(2))
     readout, kl = memory.read(z, state)
     (readout.pow(2).mean() + kl["memory_kl"] + kl["addressing_kl"]).backward()
-    for name in ("prior_mean", "prior_log_variance", "addressing_log_variance", "lstm.weight_ih_l0", "key_norm.weight"):
+    for name in (
+        "prior_mean",
+        "prior_log_variance",
+        "addressing_log_variance",
+        "lstm.weight_ih_l0",
+        "key_norm.weight",
+    ):
         grad = dict(memory.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert z.grad is not None and z.grad.abs().sum() > 0
@@ -175,8 +184,10 @@ def test_writes_address_against_the_prior_so_a_negative_write_forgets_exactly_af
     memory = make_memory(num_slots=16, code_dim=32, key_dim=16, noise=0.1)
     torch.manual_seed(6)
     first, item, later = torch.randn(3, 1, 32), torch.randn(1, 1, 32), torch.randn(2, 1, 32)
-    torch.testing.assert_close(memory.write(item, memory.prior(1)).mean,
-                               memory.write(item, memory.prior(1), addresses=memory.address(item)).mean)
+    torch.testing.assert_close(
+        memory.write(item, memory.prior(1)).mean,
+        memory.write(item, memory.prior(1), addresses=memory.address(item)).mean,
+    )
     expected = memory.write(later, memory.write(first, memory.prior(1)))
     state = memory.write(later, memory.write(item, memory.write(first, memory.prior(1))))
     forgotten = memory.write(item, state, weight=-1.0)  # no addresses given: the same ones, from the prior
@@ -195,4 +206,6 @@ def test_a_key_wider_than_the_code_is_refused():
 def test_ridge_addresses_equal_queries_times_the_pseudo_inverse(shape):
     torch.manual_seed(7)
     matrix, queries = torch.randn(*shape), torch.randn(shape[0], 5, shape[2])
-    torch.testing.assert_close(ridge_addresses(matrix, queries), queries @ pseudo_inverse(matrix), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        ridge_addresses(matrix, queries), queries @ pseudo_inverse(matrix), rtol=1e-4, atol=1e-4
+    )

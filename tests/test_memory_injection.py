@@ -31,7 +31,12 @@ def test_memory_key_values_have_the_language_models_gqa_cache_shape(memory_model
     config = memory_model.config
     inputs = make_inputs(config, [4, 6])
     text = config.text_config
-    expected = (2, text.num_key_value_heads, config.memory_tokens_per_read, text.hidden_size // text.num_attention_heads)
+    expected = (
+        2,
+        text.num_key_value_heads,
+        config.memory_tokens_per_read,
+        text.hidden_size // text.num_attention_heads,
+    )
     assert text.num_key_value_heads < text.num_attention_heads  # GQA: KV heads, not query heads
     assert memory_kv_shapes(memory_model, inputs) == [expected] * (2 * text.num_hidden_layers)
     with torch.no_grad():
@@ -62,7 +67,9 @@ def test_zero_projection_gives_zero_memory_key_values(memory_model):
     # A zeroed W_M gives all-zero memory keys and values. Under softmax attention a zero key still takes weight
     # exp(0)/Z, so this is not "no memory"; masking the memory columns is (next test).
     embeds, _ = memory_model.model.fused_embeddings(inputs["input_ids"], inputs["pixel_values"])
-    read = memory_model.model.memory.read(memory_model.model.memory_codes(embeds, inputs["input_ids"], inputs["attention_mask"]))
+    read = memory_model.model.memory.read(
+        memory_model.model.memory_codes(embeds, inputs["input_ids"], inputs["attention_mask"])
+    )
     assert all(not key.any() and not value.any() for key, value in read.key_values)
 
 
@@ -80,9 +87,14 @@ def test_a_gated_off_row_gets_exactly_the_logits_without_memory(memory_model):
 def test_generation_with_memory_equals_a_no_cache_loop_with_the_same_memory(memory_model):
     inputs = make_inputs(memory_model.config, [6, 3])
     generated = memory_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_memory=True)
-    reference = greedy_without_cache(memory_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 6)
+    reference = greedy_without_cache(
+        memory_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 6
+    )
     assert torch.equal(generated, reference)  # the no-cache loop reads the memory at every step (config default)
-    assert not torch.equal(generated, memory_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_memory=False))
+    assert not torch.equal(
+        generated,
+        memory_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_memory=False),
+    )
 
 
 @torch.no_grad()
@@ -90,7 +102,9 @@ def test_the_memory_is_read_once_per_generate(memory_model):
     calls = []
     hook = memory_model.model.memory.projection.register_forward_hook(lambda *_: calls.append(1))
     try:
-        memory_model.generate(**make_inputs(memory_model.config, [4]), max_new_tokens=5, min_new_tokens=5, use_memory=True)
+        memory_model.generate(
+            **make_inputs(memory_model.config, [4]), max_new_tokens=5, min_new_tokens=5, use_memory=True
+        )
     finally:
         hook.remove()
     assert len(calls) == 1
@@ -130,8 +144,14 @@ def test_gradients_reach_the_projection_scope_net_lstm_and_prior_when_memory_is_
     )
     assert torch.isfinite(out.memory_kl) and torch.isfinite(out.addressing_kl) and out.scope_loss is not None
     out.loss.backward()
-    for name in ("projection.proj.weight", "scope_net.net.0.weight", "larimar.lstm.weight_ih_l0",
-                 "larimar.prior_mean", "larimar.prior_log_variance", "larimar.addressing_log_variance"):
+    for name in (
+        "projection.proj.weight",
+        "scope_net.net.0.weight",
+        "larimar.lstm.weight_ih_l0",
+        "larimar.prior_mean",
+        "larimar.prior_log_variance",
+        "larimar.addressing_log_variance",
+    ):
         name = "model.memory." + name
         grad = dict(model.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
@@ -150,10 +170,28 @@ def test_other_backbone_families_gpt2_lm_and_convolutional_tower_without_cls():
     """Sizes and families come from the config: a GPT-2-style LM (no GQA, `wte` embeddings, learned positions)
     and a ConvNeXt tower (4-D feature maps, no CLS token) run the same code, memory included."""
     config = MicroVLMConfig(
-        vision_config={"model_type": "convnext", "image_size": 64, "hidden_sizes": [16, 32, 48, 64], "depths": [1, 1, 1, 1]},
-        text_config={"model_type": "gpt2", "vocab_size": 2048, "n_embd": 64, "n_layer": 2, "n_head": 4, "n_positions": 256,
-                     "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0},
-        vision_num_patches=4, vision_cls_token=False, image_token_id=3, adapter_num_heads=4, memory_num_slots=16,
+        vision_config={
+            "model_type": "convnext",
+            "image_size": 64,
+            "hidden_sizes": [16, 32, 48, 64],
+            "depths": [1, 1, 1, 1],
+        },
+        text_config={
+            "model_type": "gpt2",
+            "vocab_size": 2048,
+            "n_embd": 64,
+            "n_layer": 2,
+            "n_head": 4,
+            "n_positions": 256,
+            "tie_word_embeddings": True,
+            "bos_token_id": 0,
+            "eos_token_id": 0,
+        },
+        vision_num_patches=4,
+        vision_cls_token=False,
+        image_token_id=3,
+        adapter_num_heads=4,
+        memory_num_slots=16,
         use_memory=True,
     )
     torch.manual_seed(0)
@@ -162,14 +200,20 @@ def test_other_backbone_families_gpt2_lm_and_convolutional_tower_without_cls():
     inputs = make_inputs(config, [5, 3])
     assert memory_kv_shapes(model, inputs) == [(2, 4, 1, 16)] * 4
     generated = model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
-    assert torch.equal(generated, greedy_without_cache(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 5))
+    assert torch.equal(
+        generated,
+        greedy_without_cache(model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 5),
+    )
 
 
 def episode_of(config, steps: int, seed: int) -> dict[str, torch.Tensor]:
     """One episode of `steps` image+text steps for a batch of one row, shaped as `forward` takes it (1, E, ...)."""
     inputs = make_inputs(config, [4] * steps, seed=seed)
-    return {"episode_input_ids": inputs["input_ids"].unsqueeze(0), "episode_attention_mask": inputs["attention_mask"].unsqueeze(0),
-            "episode_pixel_values": inputs["pixel_values"].unsqueeze(0)}
+    return {
+        "episode_input_ids": inputs["input_ids"].unsqueeze(0),
+        "episode_attention_mask": inputs["attention_mask"].unsqueeze(0),
+        "episode_pixel_values": inputs["pixel_values"].unsqueeze(0),
+    }
 
 
 @torch.no_grad()
@@ -189,11 +233,17 @@ def test_no_target_token_reaches_the_memory_read(memory_model):
     second = memory_model(**other, labels=labels, **episode).logits[:, prompt]
     torch.testing.assert_close(first, second, rtol=0, atol=1e-6)
     # Control: a read over the whole sequence (target included) does see the change.
-    whole = memory_model(**other, labels=labels, memory_query_mask=other["attention_mask"], **episode).logits[:, prompt]
+    whole = memory_model(**other, labels=labels, memory_query_mask=other["attention_mask"], **episode).logits[
+        :, prompt
+    ]
     assert not torch.allclose(first, whole, atol=1e-4)
     # And the prompt read is what generate's first step computes.
-    generate_step = memory_model(input_ids=inputs["input_ids"][:, prompt], attention_mask=inputs["attention_mask"][:, prompt],
-                                 pixel_values=inputs["pixel_values"], **episode).logits
+    generate_step = memory_model(
+        input_ids=inputs["input_ids"][:, prompt],
+        attention_mask=inputs["attention_mask"][:, prompt],
+        pixel_values=inputs["pixel_values"],
+        **episode,
+    ).logits
     torch.testing.assert_close(first, generate_step, rtol=1e-5, atol=1e-5)
 
 
@@ -206,15 +256,20 @@ def test_forgetting_through_the_public_api_undoes_a_write_exactly(memory_model):
     state = memory_model.write_memory(**dropped, weight=-1.0)
     torch.testing.assert_close(state.mean, expected.mean, rtol=1e-2, atol=1e-2)
     # Batched episodes: forgetting step 1 of each row equals writing the episode without it.
-    episode = {k: v.view(2, 2, *v.shape[1:]) for k, v in {
-        "episode_input_ids": make_inputs(config, [4] * 4, seed=11)["input_ids"],
-        "episode_attention_mask": make_inputs(config, [4] * 4, seed=11)["attention_mask"],
-        "episode_pixel_values": make_inputs(config, [4] * 4, seed=11)["pixel_values"]}.items()}
+    episode = {
+        k: v.view(2, 2, *v.shape[1:])
+        for k, v in {
+            "episode_input_ids": make_inputs(config, [4] * 4, seed=11)["input_ids"],
+            "episode_attention_mask": make_inputs(config, [4] * 4, seed=11)["attention_mask"],
+            "episode_pixel_values": make_inputs(config, [4] * 4, seed=11)["pixel_values"],
+        }.items()
+    }
     full = memory_model.write_episodes(**episode)
     second_only = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
     forgotten = memory_model.write_episodes(**episode, episode_mask=1 - second_only, weight=-1.0, memory_state=full)
-    torch.testing.assert_close(forgotten.mean, memory_model.write_episodes(**episode, episode_mask=second_only).mean,
-                               rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(
+        forgotten.mean, memory_model.write_episodes(**episode, episode_mask=second_only).mean, rtol=1e-2, atol=1e-2
+    )
 
 
 @torch.no_grad()
@@ -227,8 +282,10 @@ def test_padding_steps_are_neither_encoded_nor_written(memory_model):
     assert not codes[2].any() and codes[:2].abs().sum() > 0
     alone, _ = memory_model.model.episode_codes(*(v[:, :2] for v in episode.values()))
     torch.testing.assert_close(codes[:2], alone)
-    torch.testing.assert_close(memory_model.write_episodes(**episode, episode_mask=mask).mean,
-                               memory_model.write_episodes(**{k: v[:, :2] for k, v in episode.items()}).mean)
+    torch.testing.assert_close(
+        memory_model.write_episodes(**episode, episode_mask=mask).mean,
+        memory_model.write_episodes(**{k: v[:, :2] for k, v in episode.items()}).mean,
+    )
 
 
 def test_step_loss_is_the_cross_entropy_of_centred_key_cosines():

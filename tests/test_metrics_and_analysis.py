@@ -10,17 +10,30 @@ import pytest
 import sacrebleu
 import torch
 
-from microvlm.analysis import (attention_stats, epps_pulley, epps_pulley_null, epps_pulley_slices, gaussianity_report,
-                               linear_probe, recall_from_similarity, retrieval_recall, sliced_epps_pulley,
-                               slot_utilisation, unit_directions)
+from microvlm.analysis import (
+    attention_stats,
+    epps_pulley,
+    epps_pulley_null,
+    epps_pulley_slices,
+    gaussianity_report,
+    linear_probe,
+    recall_from_similarity,
+    retrieval_recall,
+    sliced_epps_pulley,
+    slot_utilisation,
+    unit_directions,
+)
 from microvlm.metrics import available_metrics, caption_metrics, load_metric, meteor_available, metric_path
 from microvlm.metrics.cider_d.cider_d import cider_d_scores
 from microvlm.metrics.exact_match.exact_match import normalise
 from microvlm.metrics.rouge_l.rouge_l import lcs_length
 
 PREDICTIONS = ["two red circles on the left", "one blue star at the top", "three green squares"]
-REFERENCES = [["two red circles on the left", "a pair of red circles at the left"], ["one blue square at the top"],
-              ["three green squares in the centre", "three small green squares"]]
+REFERENCES = [
+    ["two red circles on the left", "a pair of red circles at the left"],
+    ["one blue square at the top"],
+    ["three green squares in the centre", "three small green squares"],
+]
 
 
 # ---------------------------------------------------------------------------------------------- metrics
@@ -49,13 +62,16 @@ def test_caption_bleu_equals_sacrebleu_with_one_or_many_references():
     bleu = load_metric("caption_bleu")
     streams = [[refs[0] for refs in REFERENCES], [refs[1] if len(refs) > 1 else None for refs in REFERENCES]]
     assert bleu.compute(predictions=PREDICTIONS, references=REFERENCES)["bleu"] == pytest.approx(
-        sacrebleu.corpus_bleu(PREDICTIONS, streams).score)
+        sacrebleu.corpus_bleu(PREDICTIONS, streams).score
+    )
     single = [[refs[0]] for refs in REFERENCES]
     assert bleu.compute(predictions=PREDICTIONS, references=single)["bleu"] == pytest.approx(
-        sacrebleu.corpus_bleu(PREDICTIONS, [streams[0]]).score)
+        sacrebleu.corpus_bleu(PREDICTIONS, [streams[0]]).score
+    )
     shouted = [p.upper() for p in PREDICTIONS]
     assert caption_metrics(shouted, REFERENCES, meteor=False)["bleu"] == pytest.approx(
-        sacrebleu.corpus_bleu(shouted, streams, lowercase=True).score)
+        sacrebleu.corpus_bleu(shouted, streams, lowercase=True).score
+    )
 
 
 def test_rouge_l_hand_worked_lcs_example():
@@ -66,13 +82,16 @@ def test_rouge_l_hand_worked_lcs_example():
     # One reference: P = 5/6, R = 5/8, F = (1 + β²) P R / (R + β² P) with β = 1.2.
     p, r = 5 / 6, 5 / 8
     assert rouge.compute(predictions=[candidate], references=[[long_ref]])["rouge_l"] == pytest.approx(
-        2.44 * p * r / (r + 1.44 * p))
+        2.44 * p * r / (r + 1.44 * p)
+    )
     # Two references: P and R maximised separately, P = 5/6 (long), R = 3/3 (short).
     assert rouge.compute(predictions=[candidate], references=[[long_ref, short_ref]])["rouge_l"] == pytest.approx(
-        2.44 * p * 1.0 / (1.0 + 1.44 * p))
+        2.44 * p * 1.0 / (1.0 + 1.44 * p)
+    )
     # Case and punctuation are normalised away; no common token scores 0.
-    assert rouge.compute(predictions=["A Red circle, on the LEFT."], references=[[long_ref]])["rouge_l"] == pytest.approx(
-        2.44 * p * r / (r + 1.44 * p))
+    assert rouge.compute(predictions=["A Red circle, on the LEFT."], references=[[long_ref]])[
+        "rouge_l"
+    ] == pytest.approx(2.44 * p * r / (r + 1.44 * p))
     assert rouge.compute(predictions=["zebra"], references=[[long_ref]])["rouge_l"] == 0.0
 
 
@@ -80,9 +99,13 @@ def test_cider_d_identical_captions_and_a_hand_computed_corpus():
     cider = load_metric("cider_d")
     references = [["a red circle"], ["a blue square"], ["a green star"]]
     # Identical to its only reference: cosine 1 for n = 1..3, no 4-gram in three words, no length penalty.
-    assert cider.compute(predictions=[r[0] for r in references], references=references)["cider_d"] == pytest.approx(7.5)
+    assert cider.compute(predictions=[r[0] for r in references], references=references)["cider_d"] == pytest.approx(
+        7.5
+    )
     four_words = [["a big red circle"], ["one small blue square"]]
-    assert cider.compute(predictions=[r[0] for r in four_words], references=four_words)["cider_d"] == pytest.approx(10.0)
+    assert cider.compute(predictions=[r[0] for r in four_words], references=four_words)["cider_d"] == pytest.approx(
+        10.0
+    )
     assert cider.compute(predictions=["zebra"] * 3, references=references)["cider_d"] == 0.0
     # Two examples; every reference n-gram occurs in one example, so every idf is log 2 and cancels in cosines.
     # A: "red red" vs "red square": clipped unigram dot min(2L, L)·L over norms 2L·√2L → 1/(2√2); bigrams 0.
@@ -97,8 +120,12 @@ def test_cider_d_and_rouge_l_equal_pycocoevalcap():
     cider_module = pytest.importorskip("pycocoevalcap.cider.cider")
     rouge_module = pytest.importorskip("pycocoevalcap.rouge.rouge")
     predictions = PREDICTIONS + ["a red circle", "two green stars at the top right", "one small square", "circles"]
-    references = REFERENCES + [["a red circle in the middle", "one red circle"], ["two green stars top right"],
-                               ["a small blue square", "one small square at the bottom", "a square"], ["three circles"]]
+    references = REFERENCES + [
+        ["a red circle in the middle", "one red circle"],
+        ["two green stars top right"],
+        ["a small blue square", "one small square at the bottom", "a square"],
+        ["three circles"],
+    ]
     gts = {i: refs for i, refs in enumerate(references)}
     res = {i: [p] for i, p in enumerate(predictions)}
     expected_cider, per_caption = cider_module.Cider().compute_score(gts, res)
@@ -149,7 +176,9 @@ def truncated_gaussian_integral(a: float, t_max: float = 3.0) -> float:
 def test_epps_pulley_quadrature_matches_the_closed_form_for_a_point_mass():
     # All x_j = 0: φ_N = 1, |φ_N − φ|² w = (1 − e^{−t²/2})² e^{−t²/2} = e^{−t²/2} − 2e^{−t²} + e^{−3t²/2}.
     n = 50
-    exact = n * (truncated_gaussian_integral(0.5) - 2 * truncated_gaussian_integral(1.0) + truncated_gaussian_integral(1.5))
+    exact = n * (
+        truncated_gaussian_integral(0.5) - 2 * truncated_gaussian_integral(1.0) + truncated_gaussian_integral(1.5)
+    )
     points = torch.zeros(n, 3, dtype=torch.float64)
     assert epps_pulley(points, num_points=4001).tolist() == pytest.approx([exact] * 3, rel=1e-7)
     assert epps_pulley(points).tolist() == pytest.approx([exact] * 3, rel=1e-3)  # LeJEPA's 17 points on [0, 3]
@@ -169,8 +198,12 @@ def test_sliced_epps_pulley_separates_gaussian_from_non_gaussian_embeddings():
     null = epps_pulley_null(n, dim, num_slices=slices, repeats=20)
     gaussian = sliced_epps_pulley(torch.randn(n, dim, generator=generator), slices)
     assert gaussian < null["mean"] + 4 * null["std"]
-    clusters = torch.cat([torch.randn(n // 2, dim, generator=generator) * 0.1 + 3,
-                          torch.randn(n // 2, dim, generator=generator) * 0.1 - 3])
+    clusters = torch.cat(
+        [
+            torch.randn(n // 2, dim, generator=generator) * 0.1 + 3,
+            torch.randn(n // 2, dim, generator=generator) * 0.1 - 3,
+        ]
+    )
     collapsed = torch.randn(n, 1, generator=generator) @ torch.randn(1, dim, generator=generator)
     assert sliced_epps_pulley(clusters, slices) > 10 * null["q95"]
     assert sliced_epps_pulley(collapsed, slices) > 10 * null["q95"]
@@ -192,7 +225,9 @@ def test_fixed_directions_give_identical_statistics():
     first = epps_pulley_slices(x, 32, seed=5)
     assert torch.equal(first, epps_pulley_slices(x.clone(), 32, seed=5))
     assert torch.equal(first, epps_pulley_slices(x, directions=unit_directions(16, 32, seed=5)))
-    assert torch.allclose(first, epps_pulley_slices(x[torch.randperm(100)], 32, seed=5))  # order of samples is irrelevant
+    assert torch.allclose(
+        first, epps_pulley_slices(x[torch.randperm(100)], 32, seed=5)
+    )  # order of samples is irrelevant
     assert not torch.allclose(first, epps_pulley_slices(x, 32, seed=6))
     assert unit_directions(16, 32, 5).norm(dim=0).tolist() == pytest.approx([1.0] * 32)
     assert epps_pulley_null(100, 16, 32, repeats=3, seed=5) == epps_pulley_null(100, 16, 32, repeats=3, seed=5)
@@ -240,7 +275,9 @@ def test_slot_utilisation_on_hand_made_addressing_weights():
     assert usage["normalised_usage_entropy"] == pytest.approx(math.log(5) / math.log(10)) and usage["slots"] == 10
     uneven = slot_utilisation(torch.tensor([[[2.0, 1.0, 1.0, 0.0]]]))
     # Shares (1/2, 1/4, 1/4, 0): H = 1.5 log 2, effective 2^1.5.
-    assert uneven["usage_entropy"] == pytest.approx(1.5 * math.log(2)) and uneven["effective_slots"] == pytest.approx(2**1.5)
+    assert uneven["usage_entropy"] == pytest.approx(1.5 * math.log(2)) and uneven["effective_slots"] == pytest.approx(
+        2**1.5
+    )
     assert uneven["active_fraction"] == pytest.approx(3 / 4)
     with pytest.raises(ValueError, match="all zero"):
         slot_utilisation(torch.zeros(2, 3, 4))
@@ -254,7 +291,11 @@ def test_retrieval_recall_on_identity_shuffled_and_collapsed_embeddings():
     embeds = torch.randn(n, 32, generator=torch.Generator().manual_seed(0))
     perfect = retrieval_recall(embeds, 3 * embeds, ks=(1, 5))
     assert all(value == 1.0 for value in perfect.values()) and set(perfect) == {
-        "image_to_text_r@1", "image_to_text_r@5", "text_to_image_r@1", "text_to_image_r@5"}
+        "image_to_text_r@1",
+        "image_to_text_r@5",
+        "text_to_image_r@1",
+        "text_to_image_r@5",
+    }
     # Orthogonal embeddings, texts rolled by one: the top candidate is always wrong and the right one ties at 0
     # with the other n − 2 wrong ones, so R@5 = P(right one among 4 of n − 1 tied places) = 4 / (n − 1).
     shuffled = retrieval_recall(torch.eye(n), torch.eye(n).roll(1, dims=0), ks=(1, 5))
@@ -262,7 +303,9 @@ def test_retrieval_recall_on_identity_shuffled_and_collapsed_embeddings():
     assert shuffled["image_to_text_r@5"] == pytest.approx(4 / (n - 1))
     # Collapsed embeddings: everything ties, so recall is chance k / n rather than 0 or 1.
     collapsed = retrieval_recall(torch.ones(n, 4), torch.ones(n, 4), ks=(1, 5))
-    assert collapsed["image_to_text_r@1"] == pytest.approx(1 / n) and collapsed["text_to_image_r@5"] == pytest.approx(5 / n)
+    assert collapsed["image_to_text_r@1"] == pytest.approx(1 / n) and collapsed["text_to_image_r@5"] == pytest.approx(
+        5 / n
+    )
     with pytest.raises(TypeError, match="recall_from_similarity"):
         retrieval_recall(torch.eye(n), torch.eye(n, dtype=torch.bool))
 

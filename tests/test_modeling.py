@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,14 +19,18 @@ def test_reference_preset_parameter_counts_match_deit_tiny_and_qwen2_5_0_5b():
     config = MicroVLMConfig.from_preset("microvlm-v")
     with torch.device("meta"):
         model = MicroVLMForCausalLM(config)
-        deit_classifier = DeiTForImageClassification(DeiTConfig(**{**config.vision_config.to_dict(), "num_labels": 1000}))
+        deit_classifier = DeiTForImageClassification(
+            DeiTConfig(**{**config.vision_config.to_dict(), "num_labels": 1000})
+        )
     # DeiT-Tiny's published 5.7M includes its 1000-class head, which MicroVLM does not use.
     assert round(count(deit_classifier) / 1e6, 1) == 5.7
     assert count(model.model.vision_tower) == count(deit_classifier) - count(deit_classifier.classifier)
     language = count(model.model.language_model) + (0 if model.config.tie_word_embeddings else count(model.lm_head))
     assert round(language / 1e6, 1) == 494.0  # Qwen2.5-0.5B, tied embeddings counted once
     adapter = {name: count(child) for name, child in model.model.adapter.named_children()}
-    adapter["queries+positions"] = model.model.adapter.queries.numel() + model.model.adapter.position_embeddings.numel()
+    adapter["queries+positions"] = (
+        model.model.adapter.queries.numel() + model.model.adapter.position_embeddings.numel()
+    )
     hidden = 896
     assert adapter["input_proj"] == 192 * hidden + hidden
     assert adapter["mlp"] == (hidden * 2 * hidden + 2 * hidden) + (2 * hidden * hidden + hidden)
@@ -74,10 +77,22 @@ def test_info_nce_matches_an_independent_loop():
 
 
 # The tiny preset with a DeiT tower, as microvlm-v has: a CLS token, its own position embeddings.
-DEIT_TINY = {"vision_config": {"model_type": "deit", "image_size": 64, "patch_size": 8, "hidden_size": 96,
-                               "num_hidden_layers": 3, "num_attention_heads": 3, "intermediate_size": 384},
-             "vision_tower_kwargs": {"add_pooling_layer": False}, "vision_cls_token": True, "vision_num_patches": None,
-             "adapter_patch_positions": False, "alignment_image_source": "cls"}
+DEIT_TINY = {
+    "vision_config": {
+        "model_type": "deit",
+        "image_size": 64,
+        "patch_size": 8,
+        "hidden_size": 96,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 3,
+        "intermediate_size": 384,
+    },
+    "vision_tower_kwargs": {"add_pooling_layer": False},
+    "vision_cls_token": True,
+    "vision_num_patches": None,
+    "adapter_patch_positions": False,
+    "alignment_image_source": "cls",
+}
 
 
 def test_alignment_loss_uses_projected_cls_and_mean_of_real_text_tokens():
@@ -137,10 +152,17 @@ def test_pretrained_backbones_load_from_local_folders(tmp_path, tower):
     language = Qwen2ForCausalLM(Qwen2Config(**tiny_config.text_config.to_dict()))
     vision.save_pretrained(tmp_path / "vision")
     language.save_pretrained(tmp_path / "language")
-    settings = ("vision_tower_kwargs", "vision_cls_token", "vision_num_patches", "adapter_patch_positions",
-                "alignment_image_source")
+    settings = (
+        "vision_tower_kwargs",
+        "vision_cls_token",
+        "vision_num_patches",
+        "adapter_patch_positions",
+        "alignment_image_source",
+    )
     model = MicroVLMForCausalLM.from_pretrained_backbones(
-        tmp_path / "vision", tmp_path / "language", image_token_id=3,
+        tmp_path / "vision",
+        tmp_path / "language",
+        image_token_id=3,
         **{name: getattr(tiny_config, name) for name in settings},
     )
     for name, tensor in vision.state_dict().items():
@@ -169,8 +191,9 @@ def test_target_aware_info_nce_matches_an_independent_loop_with_repeated_caption
     torch.testing.assert_close(loss, reference / 12, rtol=1e-5, atol=1e-5)
     # Without repeats the soft targets are the identity: CLIP's loss.
     unique = torch.eye(6, dtype=torch.bool)
-    torch.testing.assert_close(info_nce(images, texts, torch.tensor(1 / tau), unique)[0],
-                               info_nce(images, texts, torch.tensor(1 / tau))[0])
+    torch.testing.assert_close(
+        info_nce(images, texts, torch.tensor(1 / tau), unique)[0], info_nce(images, texts, torch.tensor(1 / tau))[0]
+    )
     with pytest.raises(ValueError, match="diagonal"):
         info_nce(images, texts, torch.tensor(1 / tau), ~unique)
 

@@ -49,8 +49,16 @@ def test_save_writes_safetensors_auto_map_and_the_remote_code_modules(tiny_model
     config = json.loads((tmp_path / "config.json").read_text())
     for auto in ("AutoConfig", "AutoModel", "AutoModelForCausalLM", "AutoModelForImageTextToText"):
         assert auto in config["auto_map"]
-    modules = {"configuration_microvlm.py", "modeling_microvlm.py", "vision_adapter.py", "alignment.py",
-               "episodic_memory.py", "larimar_memory.py", "memory_injection.py", "memory_cache.py"}
+    modules = {
+        "configuration_microvlm.py",
+        "modeling_microvlm.py",
+        "vision_adapter.py",
+        "alignment.py",
+        "episodic_memory.py",
+        "larimar_memory.py",
+        "memory_injection.py",
+        "memory_cache.py",
+    }
     assert modules <= {p.name for p in tmp_path.iterdir()}
     with safe_open(tmp_path / "model.safetensors", "pt") as weights:
         names = set(weights.keys())
@@ -80,4 +88,6 @@ def test_remote_code_round_trip_in_a_fresh_offline_process(tiny_model, tiny_conf
     expected = tiny_model(**inputs).logits
     for auto in ("AutoModelForCausalLM", "AutoModel", "AutoModelForImageTextToText"):
         assert torch.equal(result[auto], expected), auto
-    assert torch.equal(result["generated"], tiny_model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False))
+    assert torch.equal(
+        result["generated"], tiny_model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+    )

@@ -35,8 +35,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture(scope="module")
 def shapes() -> datasets.DatasetDict:
-    return build_synthetic_dataset(num_train=300, num_validation=100, num_test=200, image_size=32,
-                                   episode_size=EPISODE_SIZE, seed=0)
+    return build_synthetic_dataset(
+        num_train=300, num_validation=100, num_test=200, image_size=32, episode_size=EPISODE_SIZE, seed=0
+    )
 
 
 def attributes_of(row: dict) -> dict:
@@ -133,10 +134,14 @@ def test_held_out_pairs_are_documented():
 
 def test_captions_follow_the_grammar_and_round_trip():
     assert caption_for({"colour": "red", "shape": "circle", "count": 2, "position": "left"}) == (
-        "two red circles on the left")
-    assert caption_for({"colour": "blue", "shape": "star", "count": 1, "position": "top"}) == "one blue star at the top"
+        "two red circles on the left"
+    )
+    assert (
+        caption_for({"colour": "blue", "shape": "star", "count": 1, "position": "top"}) == "one blue star at the top"
+    )
     assert caption_for({"colour": "green", "shape": "diamond", "count": 4, "position": "centre"}) == (
-        "four green diamonds in the centre")
+        "four green diamonds in the centre"
+    )
     for colour, shape, count, position in itertools.product(COLOURS, SHAPES, COUNTS, POSITIONS):
         attributes = {"colour": colour, "shape": shape, "count": count, "position": position}
         assert parse_attributes(caption_for(attributes)) == attributes
@@ -144,7 +149,11 @@ def test_captions_follow_the_grammar_and_round_trip():
 
 def test_parse_attributes_reads_free_text_and_reports_missing_values():
     assert parse_attributes("I see 3 Yellow Diamonds, in the center.") == {
-        "colour": "yellow", "shape": "diamond", "count": 3, "position": "centre"}
+        "colour": "yellow",
+        "shape": "diamond",
+        "count": 3,
+        "position": "centre",
+    }
     assert parse_attributes("a purple thing") == {"colour": "purple", "shape": None, "count": None, "position": None}
 
 
@@ -193,8 +202,13 @@ def test_kinds_restrict_the_samples():
 @pytest.mark.parametrize("colour", list(COLOURS))
 def test_rendered_pixels_show_the_named_colour_count_and_position(colour, size):
     rng = np.random.default_rng(size)
-    regions = {"left": (0, 0.45, 0, 1), "right": (0.55, 1, 0, 1), "top": (0, 1, 0, 0.45),
-               "bottom": (0, 1, 0.55, 1), "centre": (0.3, 0.7, 0.3, 0.7)}
+    regions = {
+        "left": (0, 0.45, 0, 1),
+        "right": (0.55, 1, 0, 1),
+        "top": (0, 1, 0, 0.45),
+        "bottom": (0, 1, 0.55, 1),
+        "centre": (0.3, 0.7, 0.3, 0.7),
+    }
     for shape, position in zip(SHAPES, itertools.cycle(POSITIONS)):
         count = int(rng.integers(1, 5))
         image = render_image(colour, shape, count, position, size, rng)
@@ -224,40 +238,56 @@ def test_images_are_png_bytes_decoded_lazily_at_the_requested_size():
     stored += [item["bytes"] for cell in table.column("episode_images").to_pylist() for item in cell]
     assert stored and all(blob.startswith(PNG_MAGIC) for blob in stored)
     for row in train:
-        for image in ([row["image"]] if row["kind"] == "caption" else row["episode_images"]):
+        for image in [row["image"]] if row["kind"] == "caption" else row["episode_images"]:
             assert isinstance(image, Image.Image) and image.size == (224, 224) and image.mode == "RGB"
 
 
-@pytest.mark.parametrize(("kwargs", "field"), [
-    ({"num_train": -1}, "num_train"), ({"num_validation": -2}, "num_validation"), ({"num_test": -3}, "num_test"),
-    ({"image_size": -64}, "image_size"), ({"image_size": 8}, "image_size"), ({"image_size": 32.5}, "image_size"),
-    ({"episode_size": 1}, "episode_size"), ({"episode_size": -4}, "episode_size"), ({"seed": -1}, "seed"),
-    ({"kinds": ("caption", "poems")}, "kinds"), ({"kinds": ()}, "kinds"),
-    ({"held_out_fraction": 1.5}, "held_out_fraction"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_train": -1}, "num_train"),
+        ({"num_validation": -2}, "num_validation"),
+        ({"num_test": -3}, "num_test"),
+        ({"image_size": -64}, "image_size"),
+        ({"image_size": 8}, "image_size"),
+        ({"image_size": 32.5}, "image_size"),
+        ({"episode_size": 1}, "episode_size"),
+        ({"episode_size": -4}, "episode_size"),
+        ({"seed": -1}, "seed"),
+        ({"kinds": ("caption", "poems")}, "kinds"),
+        ({"kinds": ()}, "kinds"),
+        ({"held_out_fraction": 1.5}, "held_out_fraction"),
+    ],
+)
 def test_bad_build_arguments_raise_value_errors_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
         build_synthetic_dataset(**{"num_train": 1, "num_validation": 0, "num_test": 0, **kwargs})
 
 
-@pytest.mark.parametrize(("call", "field"), [
-    (lambda: render_image("teal", "circle", 1, "left", 32, np.random.default_rng(0)), "colour"),
-    (lambda: render_image("red", "hexagon", 1, "left", 32, np.random.default_rng(0)), "shape"),
-    (lambda: render_image("red", "circle", 5, "left", 32, np.random.default_rng(0)), "count"),
-    (lambda: render_image("red", "circle", 1, "middle", 32, np.random.default_rng(0)), "position"),
-    (lambda: render_image("red", "circle", 1, "left", 0, np.random.default_rng(0)), "image_size"),
-    (lambda: caption_for({"colour": "red", "shape": "circle", "count": 1}), "attributes"),
-    (lambda: answer_for({"colour": "red"}, "size"), "asked"),
-    (lambda: make_sample("dev", 0), "split"),
-    (lambda: make_sample("train", -1), "index"),
-])
+@pytest.mark.parametrize(
+    ("call", "field"),
+    [
+        (lambda: render_image("teal", "circle", 1, "left", 32, np.random.default_rng(0)), "colour"),
+        (lambda: render_image("red", "hexagon", 1, "left", 32, np.random.default_rng(0)), "shape"),
+        (lambda: render_image("red", "circle", 5, "left", 32, np.random.default_rng(0)), "count"),
+        (lambda: render_image("red", "circle", 1, "middle", 32, np.random.default_rng(0)), "position"),
+        (lambda: render_image("red", "circle", 1, "left", 0, np.random.default_rng(0)), "image_size"),
+        (lambda: caption_for({"colour": "red", "shape": "circle", "count": 1}), "attributes"),
+        (lambda: answer_for({"colour": "red"}, "size"), "asked"),
+        (lambda: make_sample("dev", 0), "split"),
+        (lambda: make_sample("train", -1), "index"),
+    ],
+)
 def test_bad_attributes_raise_value_errors_naming_the_field(call, field):
     with pytest.raises(ValueError, match=field):
         call()
 
 
 def test_min_episode_size_gives_every_length_in_turn_with_targets_inside_the_episode():
-    rows = [make_sample("train", i, kinds=("recall",), image_size=16, episode_size=5, min_episode_size=2) for i in range(16)]
+    rows = [
+        make_sample("train", i, kinds=("recall",), image_size=16, episode_size=5, min_episode_size=2)
+        for i in range(16)
+    ]
     assert [len(r["episode_images"]) for r in rows[:8]] == [2, 3, 4, 5, 2, 3, 4, 5]
     assert all(0 <= r["target_index"] < len(r["episode_images"]) == len(r["episode_captions"]) for r in rows)
     assert {r["target_index"] for r in rows if len(r["episode_images"]) == 5} == {0, 1, 2, 3}

@@ -15,9 +15,30 @@ from microvlm.train import build_trainer, freeze_for_stage, main, read_config
 
 from .test_remote_code import run_isolated
 
-SMALL = ["--num_train", "64", "--num_validation", "16", "--num_test", "0", "--per_device_train_batch_size", "8",
-         "--per_device_eval_batch_size", "8", "--logging_steps", "2", "--eval_steps", "4", "--save_steps", "4",
-         "--gradient_flow_steps", "2", "--visualisation_steps", "4", "--dataloader_num_workers", "0"]
+SMALL = [
+    "--num_train",
+    "64",
+    "--num_validation",
+    "16",
+    "--num_test",
+    "0",
+    "--per_device_train_batch_size",
+    "8",
+    "--per_device_eval_batch_size",
+    "8",
+    "--logging_steps",
+    "2",
+    "--eval_steps",
+    "4",
+    "--save_steps",
+    "4",
+    "--gradient_flow_steps",
+    "2",
+    "--visualisation_steps",
+    "4",
+    "--dataloader_num_workers",
+    "0",
+]
 
 
 def logged(trainer_dir: Path) -> list[dict]:
@@ -25,12 +46,22 @@ def logged(trainer_dir: Path) -> list[dict]:
 
 
 def test_two_stage_demo_recipe_runs_logs_every_term_and_reloads_with_remote_code(tmp_path):
-    stage1, stage2 = main(["--stage", "both", "--recipe", "demo", "--max_steps", "4", "--output_dir", str(tmp_path), *SMALL])
+    stage1, stage2 = main(
+        ["--stage", "both", "--recipe", "demo", "--max_steps", "4", "--output_dir", str(tmp_path), *SMALL]
+    )
     first = [entry for entry in logged(Path(stage1)) if "lm_loss" in entry]
     assert first and all("alignment_loss" in e and "grad_norm/adapter" in e for e in first)
     assert all(e["grad_norm/vision"] > 0 for e in first)  # the demo trains its random tiny tower in stage 1
     second = [entry for entry in logged(Path(stage2)) if "lm_loss" in entry]
-    for term in ("memory_kl", "addressing_kl", "memory_step_loss", "scope_gate", "scope_loss", "grad_norm/memory", "grad_norm/scope_net"):
+    for term in (
+        "memory_kl",
+        "addressing_kl",
+        "memory_step_loss",
+        "scope_gate",
+        "scope_loss",
+        "grad_norm/memory",
+        "grad_norm/scope_net",
+    ):
         assert all(term in e for e in second), term
     assert all(e["grad_norm/vision"] == 0 and e["grad_norm/memory"] > 0 for e in second)  # stage 2 freezes the tower
     assert any("eval_lm_loss" in e for e in logged(Path(stage2)))
@@ -51,7 +82,10 @@ assert model.generate(**inputs, max_new_tokens=3, min_new_tokens=3).shape[1] == 
     run_isolated(script, stage2, cwd=tmp_path / "elsewhere")
 
 
-@pytest.mark.parametrize(("stage", "expected"), [("stage1", {"adapter", "alignment"}), ("stage2", {"adapter", "alignment", "memory", "scope_net", "language"})])
+@pytest.mark.parametrize(
+    ("stage", "expected"),
+    [("stage1", {"adapter", "alignment"}), ("stage2", {"adapter", "alignment", "memory", "scope_net", "language"})],
+)
 def test_stage_configs_freeze_what_the_seed_says(stage, expected):
     text = {k: v for k, v in MicroVLMConfig.from_preset("tiny").text_config.to_dict().items() if k != "layer_types"}
     config = MicroVLMConfig.from_preset("tiny", text_config={**text, "num_hidden_layers": 6})
@@ -97,8 +131,20 @@ def test_qlora_on_nf4_backbones_trains_on_cpu(tmp_path):
 
     trainer = build_trainer(
         "stage1",
-        ["--recipe", "demo", "--max_steps", "2", "--load_in_4bit", "--lora_rank", "4", "--eval_strategy", "no",
-         "--output_dir", str(tmp_path), *SMALL],
+        [
+            "--recipe",
+            "demo",
+            "--max_steps",
+            "2",
+            "--load_in_4bit",
+            "--lora_rank",
+            "4",
+            "--eval_strategy",
+            "no",
+            "--output_dir",
+            str(tmp_path),
+            *SMALL,
+        ],
         "demo",
     )
     model = trainer.model
@@ -106,8 +152,13 @@ def test_qlora_on_nf4_backbones_trains_on_cpu(tmp_path):
     assert any("language_model" in n and "q_proj" in n for n in quantised)
     # Every Linear of both backbones is NF4 (bitsandbytes quantises Linear layers only: a convolutional tower's
     # convolutions stay in full precision, frozen).
-    backbone_linears = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)
-                        and (".vision_tower." in name or ".language_model." in name) and "lora_" not in name]
+    backbone_linears = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear)
+        and (".vision_tower." in name or ".language_model." in name)
+        and "lora_" not in name
+    ]
     assert backbone_linears and set(backbone_linears) <= set(quantised)
     assert not any(".adapter." in n or "alignment" in n for n in quantised)
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_B" in n}
@@ -139,9 +190,18 @@ def test_trl_sft_trainer_takes_the_vision_language_path(tmp_path):
         },
         remove_columns=samples.column_names,
     )
-    config = SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=4, report_to="none",
-                       logging_steps=1, max_length=None, bf16=False)
-    trainer = SFTTrainer(model=model, args=config, train_dataset=conversations, processing_class=MicroVLMProcessor.from_preset("tiny"))
+    config = SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=4,
+        report_to="none",
+        logging_steps=1,
+        max_length=None,
+        bf16=False,
+    )
+    trainer = SFTTrainer(
+        model=model, args=config, train_dataset=conversations, processing_class=MicroVLMProcessor.from_preset("tiny")
+    )
     assert type(trainer.data_collator).__name__ == "DataCollatorForVisionLanguageModeling"
     before = model.model.adapter.queries.detach().clone()
     trainer.train()
@@ -153,8 +213,18 @@ def test_trl_sft_trainer_takes_the_vision_language_path(tmp_path):
 def test_two_cpu_processes_stay_in_sync(tmp_path):
     worker = Path(__file__).with_name("distributed_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
-               str(worker), str(tmp_path), *SMALL]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29533",
+        str(worker),
+        str(tmp_path),
+        *SMALL,
+    ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     sums = [torch.load(tmp_path / f"rank{rank}.pt") for rank in (0, 1)]

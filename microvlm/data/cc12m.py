@@ -110,8 +110,17 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--shard-size", "--shard_size", dest="shard_size", type=int, default=10_000)
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
-    return download_cc12m(args.tsv, args.output_dir, args.workers, args.threads, args.timeout, args.retries,
-                          args.test_samples, args.image_size, args.shard_size)
+    return download_cc12m(
+        args.tsv,
+        args.output_dir,
+        args.workers,
+        args.threads,
+        args.timeout,
+        args.retries,
+        args.test_samples,
+        args.image_size,
+        args.shard_size,
+    )
 
 
 if __name__ == "__main__":

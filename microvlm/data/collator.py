@@ -69,7 +69,9 @@ class MicroVLMCollator:
         return self.processor.tokenizer(text, add_special_tokens=False)["input_ids"] if text else []
 
     def _pixels(self, images: list[Image.Image]) -> torch.Tensor:
-        return self.processor.image_processor([image.convert("RGB") for image in images], return_tensors="pt")["pixel_values"]
+        return self.processor.image_processor([image.convert("RGB") for image in images], return_tensors="pt")[
+            "pixel_values"
+        ]
 
     def _left_pad(self, rows: list[list[int]], value: int) -> torch.Tensor:
         width = max(len(row) for row in rows)
@@ -101,8 +103,9 @@ class MicroVLMCollator:
     def _episodes(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Recall rows' episodes as (image, "image i: caption") steps, padded to the longest with masked steps
         (blank pixels, no text); other rows get only masked steps. Empty when no row is a recall row."""
-        episodes = [list(zip(s["episode_images"], s["episode_captions"])) if s.get("kind") == "recall" else []
-                    for s in samples]
+        episodes = [
+            list(zip(s["episode_images"], s["episode_captions"])) if s.get("kind") == "recall" else [] for s in samples
+        ]
         steps = max(len(episode) for episode in episodes)
         if steps == 0:
             return {}

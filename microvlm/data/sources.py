@@ -46,7 +46,9 @@ def load_image_text_dataset(
         dataset = _normalise_webdataset(dataset, image_column, text_column)
         image_column, text_column = "image", "text"
     elif path.exists():
-        raise ValueError(f"{source!r} is neither an image folder with metadata.jsonl/metadata.csv nor webdataset shards")
+        raise ValueError(
+            f"{source!r} is neither an image folder with metadata.jsonl/metadata.csv nor webdataset shards"
+        )
     else:
         dataset = datasets.load_dataset(source, split=split, **load_kwargs)
     for column in (image_column, text_column):
@@ -61,10 +63,14 @@ def load_image_text_dataset(
 def _normalise_webdataset(dataset: datasets.Dataset, image_column: str, text_column: str) -> datasets.Dataset:
     """Pick the shard's image key (jpg/png/...) and caption key (txt, or json's `caption`) as image/text."""
     columns = dataset.column_names
-    image_key = image_column if image_column in columns else next((k for k in WEBDATASET_IMAGE_KEYS if k in columns), None)
+    image_key = (
+        image_column if image_column in columns else next((k for k in WEBDATASET_IMAGE_KEYS if k in columns), None)
+    )
     text_key = text_column if text_column in columns else next((k for k in WEBDATASET_TEXT_KEYS if k in columns), None)
     if image_key is None or text_key is None:
-        raise ValueError(f"webdataset shards need an image ({WEBDATASET_IMAGE_KEYS}) and a caption ({WEBDATASET_TEXT_KEYS}) key; found {columns}")
+        raise ValueError(
+            f"webdataset shards need an image ({WEBDATASET_IMAGE_KEYS}) and a caption ({WEBDATASET_TEXT_KEYS}) key; found {columns}"
+        )
     if text_key == "json":
         dataset = dataset.map(lambda row: {"text": (row["json"] or {}).get("caption", "")}, remove_columns=["json"])
         text_key = "text"

@@ -147,8 +147,12 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
 
 def _check_attributes(colour: Any, shape: Any, count: Any, position: Any) -> None:
     """Raise a ValueError naming the first attribute that is not in the vocabulary."""
-    for name, value, allowed in (("colour", colour, tuple(COLOURS)), ("shape", shape, SHAPES),
-                                 ("count", count, tuple(COUNTS)), ("position", position, tuple(POSITIONS))):
+    for name, value, allowed in (
+        ("colour", colour, tuple(COLOURS)),
+        ("shape", shape, SHAPES),
+        ("count", count, tuple(COUNTS)),
+        ("position", position, tuple(POSITIONS)),
+    ):
         if isinstance(value, bool) or value not in allowed:
             raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
 
@@ -284,8 +288,9 @@ def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, rad
         draw.polygon([(cx + r * np.cos(a), cy + r * np.sin(a)) for r, a in zip(radii, angles)], fill=255)
 
 
-def render_image(colour: str, shape: str, count: int, position: str, image_size: int,
-                 rng: np.random.Generator) -> Image.Image:
+def render_image(
+    colour: str, shape: str, count: int, position: str, image_size: int, rng: np.random.Generator
+) -> Image.Image:
     """Draw `count` `colour` `shape`s in the `position` region of a random contrasting background.
 
     Args:
@@ -317,8 +322,9 @@ def _png(image: Image.Image) -> dict[str, Any]:
     return {"bytes": buffer.getvalue(), "path": None}
 
 
-def _sample_attributes(rng: np.random.Generator, split: str, held_out_fraction: float,
-                       avoid: tuple[str, Any] | None = None) -> dict[str, Any]:
+def _sample_attributes(
+    rng: np.random.Generator, split: str, held_out_fraction: float, avoid: tuple[str, Any] | None = None
+) -> dict[str, Any]:
     """Random attributes for `split`; `avoid` = (attribute, value) excludes that value (recall distractors)."""
     use_held_out = split != "train" and rng.random() < held_out_fraction
     pairs = HELD_OUT_PAIRS if use_held_out else TRAIN_PAIRS
@@ -341,8 +347,14 @@ def _sample_attributes(rng: np.random.Generator, split: str, held_out_fraction: 
     }
 
 
-def _check_arguments(image_size: Any, episode_size: Any, seed: Any, kinds: tuple[str, ...],
-                     held_out_fraction: Any, min_episode_size: Any = None) -> None:
+def _check_arguments(
+    image_size: Any,
+    episode_size: Any,
+    seed: Any,
+    kinds: tuple[str, ...],
+    held_out_fraction: Any,
+    min_episode_size: Any = None,
+) -> None:
     _check_int("image_size", image_size, MIN_IMAGE_SIZE)
     _check_int("episode_size", episode_size, 2)
     if min_episode_size is not None:
@@ -360,9 +372,17 @@ def _as_kinds(kinds: str | Iterable[str]) -> tuple[str, ...]:
     return (kinds,) if isinstance(kinds, str) else tuple(kinds)
 
 
-def make_sample(split: str, index: int, *, seed: int = 0, image_size: int = 64, episode_size: int = 4,
-                kinds: str | Iterable[str] = KINDS, held_out_fraction: float = 0.5,
-                min_episode_size: int | None = None) -> dict[str, Any]:
+def make_sample(
+    split: str,
+    index: int,
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    episode_size: int = 4,
+    kinds: str | Iterable[str] = KINDS,
+    held_out_fraction: float = 0.5,
+    min_episode_size: int | None = None,
+) -> dict[str, Any]:
     """Sample `index` of `split`, as a row of `FEATURES` with images as PNG bytes.
 
     The same arguments always give the same row, PNG bytes included. Kinds and recall targets cycle with the
@@ -379,20 +399,34 @@ def make_sample(split: str, index: int, *, seed: int = 0, image_size: int = 64, 
     rng = np.random.default_rng([seed, SPLITS.index(split), index])
     kind = kinds[index % len(kinds)]
     asked = ATTRIBUTES[rng.integers(len(ATTRIBUTES))]
-    sample: dict[str, Any] = {"kind": kind, "image": None, "episode_images": [], "episode_captions": [],
-                              "answer": "", "asked": "", "target_index": -1}
+    sample: dict[str, Any] = {
+        "kind": kind,
+        "image": None,
+        "episode_images": [],
+        "episode_captions": [],
+        "answer": "",
+        "asked": "",
+        "target_index": -1,
+    }
     if kind == "recall":
         turn, lengths = index // len(kinds), episode_size - (min_episode_size or episode_size) + 1
         episode_size = episode_size - lengths + 1 + turn % lengths
         target = turn // lengths % episode_size
         attributes = _sample_attributes(rng, split, held_out_fraction)
-        episode = [attributes if step == target
-                   else _sample_attributes(rng, split, held_out_fraction, avoid=(asked, attributes[asked]))
-                   for step in range(episode_size)]
+        episode = [
+            attributes
+            if step == target
+            else _sample_attributes(rng, split, held_out_fraction, avoid=(asked, attributes[asked]))
+            for step in range(episode_size)
+        ]
         sample["episode_images"] = [_png(render_image(**a, image_size=image_size, rng=rng)) for a in episode]
         sample["episode_captions"] = [caption_for(a) for a in episode]
-        sample.update(text=RECALL_QUESTIONS[asked].format(n=target + 1), answer=answer_for(attributes, asked),
-                      asked=asked, target_index=target)
+        sample.update(
+            text=RECALL_QUESTIONS[asked].format(n=target + 1),
+            answer=answer_for(attributes, asked),
+            asked=asked,
+            target_index=target,
+        )
     else:
         attributes = _sample_attributes(rng, split, held_out_fraction)
         sample["image"] = _png(render_image(**attributes, image_size=image_size, rng=rng))
@@ -421,8 +455,13 @@ def edited_recall_sample(sample: Mapping[str, Any], index: int, seed: int = 0) -
     images, captions = list(sample["episode_images"]), list(sample["episode_captions"])
     images[target] = render_image(**attributes, image_size=size, rng=rng)
     captions[target] = caption_for(attributes)
-    return {**sample, **attributes, "episode_images": images, "episode_captions": captions,
-            "answer": answer_for(attributes, asked)}
+    return {
+        **sample,
+        **attributes,
+        "episode_images": images,
+        "episode_captions": captions,
+        "answer": answer_for(attributes, asked),
+    }
 
 
 def build_synthetic_dataset(
@@ -456,11 +495,28 @@ def build_synthetic_dataset(
     start = time.perf_counter()
     splits = {}
     for split, size in zip(SPLITS, (num_train, num_validation, num_test)):
-        rows = [make_sample(split, index, seed=seed, image_size=image_size, episode_size=episode_size, kinds=kinds,
-                            held_out_fraction=held_out_fraction, min_episode_size=min_episode_size)
-                for index in range(size)]
-        splits[split] = datasets.Dataset.from_dict({name: [row[name] for row in rows] for name in FEATURES},
-                                                   features=FEATURES, split=datasets.NamedSplit(split))
-    logger.info("built the shapes set (%s) at %d px in %.1f s", {s: len(d) for s, d in splits.items()}, image_size,
-                time.perf_counter() - start)
+        rows = [
+            make_sample(
+                split,
+                index,
+                seed=seed,
+                image_size=image_size,
+                episode_size=episode_size,
+                kinds=kinds,
+                held_out_fraction=held_out_fraction,
+                min_episode_size=min_episode_size,
+            )
+            for index in range(size)
+        ]
+        splits[split] = datasets.Dataset.from_dict(
+            {name: [row[name] for row in rows] for name in FEATURES},
+            features=FEATURES,
+            split=datasets.NamedSplit(split),
+        )
+    logger.info(
+        "built the shapes set (%s) at %d px in %.1f s",
+        {s: len(d) for s, d in splits.items()},
+        image_size,
+        time.perf_counter() - start,
+    )
     return datasets.DatasetDict(splits)

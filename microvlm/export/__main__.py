@@ -23,8 +23,10 @@ class ExportArguments:
     keep_vocab: int | None = field(default=None, metadata={"help": "keep the N tokens a corpus uses (and specials)"})
     corpus_file: str | None = field(
         default=None,
-        metadata={"help": "--keep_vocab corpus, one text per line; its last tenth is held out (default: the built-in "
-                          "shapes set, train split kept from, validation split held out)"},
+        metadata={
+            "help": "--keep_vocab corpus, one text per line; its last tenth is held out (default: the built-in "
+            "shapes set, train split kept from, validation split held out)"
+        },
     )
     report: bool = field(default=False, metadata={"help": "print the size table at 'microvlm-v' dims instead"})
     report_dir: str = field(default="outputs/size_report", metadata={"help": "--report: where its folders go"})
@@ -72,10 +74,20 @@ def trim_vocabulary(model, processor, keep_vocab: int, texts: list[str], held_ou
     keep_ids = kept_token_ids(processor.tokenizer, texts, keep_vocab)
     tokenizer = trim_tokenizer(processor.tokenizer, keep_ids)
     trim_embedding(model, keep_ids)
-    logger.info("vocabulary: %d → %d tokens; held-out texts (%d): %s", len(processor.tokenizer), len(keep_ids),
-                len(held_out), coverage(processor.tokenizer, tokenizer, held_out))
-    return MicroVLMProcessor(processor.image_processor, tokenizer, image_token=processor.image_token,
-                             num_image_tokens=processor.num_image_tokens, chat_template=processor.chat_template)
+    logger.info(
+        "vocabulary: %d → %d tokens; held-out texts (%d): %s",
+        len(processor.tokenizer),
+        len(keep_ids),
+        len(held_out),
+        coverage(processor.tokenizer, tokenizer, held_out),
+    )
+    return MicroVLMProcessor(
+        processor.image_processor,
+        tokenizer,
+        image_token=processor.image_token,
+        num_image_tokens=processor.num_image_tokens,
+        chat_template=processor.chat_template,
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,10 @@ def write_export(
     values = asdict(formats)
     check_weight_formats(values)
     if formats.lm_body == "ternary" and not model.config.lm_use_bitnet:
-        logger.warning("export: the LM body was not trained ternary (lm_use_bitnet is off): post-training "
-                       "ternarisation without QAT, expect a loss of fidelity")
+        logger.warning(
+            "export: the LM body was not trained ternary (lm_use_bitnet is off): post-training "
+            "ternarisation without QAT, expect a loss of fidelity"
+        )
         model.enable_bitnet(language_model=True)
     tied = model.lm_head.weight is model.get_input_embeddings().weight
     values["tied_lm_head"] = tied and formats.embedding != "fp32"

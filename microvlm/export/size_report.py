@@ -32,7 +32,7 @@ COMPONENTS = (
     ("embedding / LM head", ("model.language_model.embed_tokens.", "lm_head.")),
     ("LM body", ("model.language_model.",)),
 )
-SEEDS_CLAIMS = "seeds: 2172 MB (fp32) / 517 MB / 123 MB; \"Qwen 1.58-bit 98.8 MB\""
+SEEDS_CLAIMS = 'seeds: 2172 MB (fp32) / 517 MB / 123 MB; "Qwen 1.58-bit 98.8 MB"'
 TRIMMED_VOCAB = 16384
 
 
@@ -54,7 +54,7 @@ def tensor_bytes(folder: Path) -> dict[str, int]:
 
 
 def build(bitnet: bool) -> MicroVLMForCausalLM:
-    """"microvlm-v" with the memory on, random weights; `bitnet`: trained form of the quantized stage."""
+    """ "microvlm-v" with the memory on, random weights; `bitnet`: trained form of the quantized stage."""
     torch.manual_seed(0)
     config = MicroVLMConfig.from_preset("microvlm-v", use_memory=True, lm_use_bitnet=bitnet, memory_use_bitnet=bitnet)
     return MicroVLMForCausalLM(config).eval()
@@ -103,14 +103,19 @@ def print_size_report(output_dir: str, default: WeightFormats) -> list[dict]:
         rows.append({"label": label, "components": tensor_bytes(folder), "folder": folder_bytes(folder)})
         del model
     labels = [label for label, _ in COMPONENTS]
-    lines = ["| component | parameters | " + " | ".join(row["label"] for row in rows) + " |",
-             "|---|---:|" + "---:|" * len(rows)]
+    lines = [
+        "| component | parameters | " + " | ".join(row["label"] for row in rows) + " |",
+        "|---|---:|" + "---:|" * len(rows),
+    ]
     for label in labels:
         cells = [f"{row['components'].get(label, 0) / 1e6:.2f} MB" for row in rows]
         lines.append(f"| {label} | {parameters.get(label, 0) / 1e6:.2f}M | " + " | ".join(cells) + " |")
     total_parameters = sum(parameters.values())
-    lines.append(f"| **folder, measured from its files** | {total_parameters / 1e6:.2f}M | "
-                 + " | ".join(f"**{row['folder'] / 1e6:.1f} MB**" for row in rows) + " |")
+    lines.append(
+        f"| **folder, measured from its files** | {total_parameters / 1e6:.2f}M | "
+        + " | ".join(f"**{row['folder'] / 1e6:.1f} MB**" for row in rows)
+        + " |"
+    )
     table = "\n".join(lines)
-    logger.info("size report (\"microvlm-v\" dims, random weights; %s):\n%s", SEEDS_CLAIMS, table)
+    logger.info('size report ("microvlm-v" dims, random weights; %s):\n%s', SEEDS_CLAIMS, table)
     return rows

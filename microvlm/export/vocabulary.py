@@ -21,8 +21,10 @@ logger = logging.getLogger(__name__)
 
 def merges_of(tokenizer_json: dict) -> list[tuple[str, str]]:
     """BPE merges as pairs (tokenizers writes either "a b" strings or [a, b] lists)."""
-    return [tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge)
-            for merge in tokenizer_json["model"]["merges"]]
+    return [
+        tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge)
+        for merge in tokenizer_json["model"]["merges"]
+    ]
 
 
 def kept_token_ids(tokenizer, corpus: list[str], keep_vocab: int) -> list[int]:
@@ -52,8 +54,9 @@ def trim_tokenizer(tokenizer, keep_ids: list[int]):
     state = json.loads(tokenizer.backend_tokenizer.to_str())
     vocab = {token: new_id[index] for token, index in state["model"]["vocab"].items() if index in new_id}
     state["model"]["vocab"] = vocab
-    state["model"]["merges"] = [[left, right] for left, right in merges_of(state)
-                                if left in vocab and right in vocab and left + right in vocab]
+    state["model"]["merges"] = [
+        [left, right] for left, right in merges_of(state) if left in vocab and right in vocab and left + right in vocab
+    ]
     state["added_tokens"] = [{**token, "id": new_id[token["id"]]} for token in state["added_tokens"]]
     with tempfile.TemporaryDirectory() as folder:
         tokenizer.save_pretrained(folder)

@@ -41,15 +41,22 @@ def load_metric(name: str, **kwargs: Any) -> evaluate.EvaluationModule:
 @functools.cache
 def meteor_available() -> bool:
     """Whether METEOR can run here: a Java runtime on PATH and pycocoevalcap (which ships the METEOR 1.5 jar)."""
-    missing = [what for what, present in (("a Java runtime on PATH", shutil.which("java") is not None),
-                                          ("the pycocoevalcap package", importlib.util.find_spec("pycocoevalcap") is not None))
-               if not present]
+    missing = [
+        what
+        for what, present in (
+            ("a Java runtime on PATH", shutil.which("java") is not None),
+            ("the pycocoevalcap package", importlib.util.find_spec("pycocoevalcap") is not None),
+        )
+        if not present
+    ]
     if missing:
         logger.info("METEOR skipped: it needs %s", " and ".join(missing))
     return not missing
 
 
-def caption_metrics(predictions: list[str], references: list[list[str]], meteor: bool | None = None) -> dict[str, float]:
+def caption_metrics(
+    predictions: list[str], references: list[list[str]], meteor: bool | None = None
+) -> dict[str, float]:
     """All caption metrics of `predictions` (one caption each) against `references` (one or more each):
     bleu (BLEU-4, 0–100, lower-cased), rouge_l (0–1), cider_d (0–10 per caption, mean over captions) and, when
     `meteor` is True — or None (the default) and Java and pycocoevalcap are present — meteor (0–1)."""

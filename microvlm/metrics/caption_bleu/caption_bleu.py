@@ -44,9 +44,12 @@ class CaptionBleu(evaluate.Metric):
             reference_urls=["https://github.com/mjpost/sacrebleu"],
         )
 
-    def _compute(self, predictions: list[str], references: list[list[str]], lowercase: bool = False,
-                 tokenize: str = "13a") -> dict[str, float]:
+    def _compute(
+        self, predictions: list[str], references: list[list[str]], lowercase: bool = False, tokenize: str = "13a"
+    ) -> dict[str, float]:
         if not predictions:
             raise ValueError("BLEU needs at least one prediction")
-        bleu = sacrebleu.corpus_bleu(predictions, reference_streams(references), lowercase=lowercase, tokenize=tokenize)
+        bleu = sacrebleu.corpus_bleu(
+            predictions, reference_streams(references), lowercase=lowercase, tokenize=tokenize
+        )
         return {"bleu": float(bleu.score)}

@@ -47,8 +47,9 @@ def ngram_counts(tokens: list[str], max_n: int = MAX_N) -> Counter:
     return Counter(tuple(tokens[i : i + n]) for n in range(1, max_n + 1) for i in range(len(tokens) - n + 1))
 
 
-def cider_d_scores(candidates: list[list[str]], references: list[list[list[str]]], max_n: int = MAX_N,
-                   sigma: float = SIGMA) -> list[float]:
+def cider_d_scores(
+    candidates: list[list[str]], references: list[list[list[str]]], max_n: int = MAX_N, sigma: float = SIGMA
+) -> list[float]:
     """Per-example CIDEr-D of tokenised candidates against their tokenised references (see the module text)."""
     if len(candidates) != len(references):
         raise ValueError(f"{len(candidates)} candidates but {len(references)} reference lists")
@@ -81,7 +82,9 @@ def cider_d_scores(candidates: list[list[str]], references: list[list[list[str]]
                 if cand_norms[n] == 0 or ref_norms[n] == 0:
                     continue
                 # Clipping: a candidate n-gram counts at most as much as it weighs in the reference.
-                dot = sum(min(w, ref_vectors[n].get(g, 0.0)) * ref_vectors[n].get(g, 0.0) for g, w in cand_vectors[n].items())
+                dot = sum(
+                    min(w, ref_vectors[n].get(g, 0.0)) * ref_vectors[n].get(g, 0.0) for g, w in cand_vectors[n].items()
+                )
                 total += penalty * dot / (cand_norms[n] * ref_norms[n])
         scores.append(10.0 * total / max_n / len(refs))
     return scores
@@ -103,5 +106,7 @@ class CiderD(evaluate.Metric):
     def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, float]:
         if not predictions:
             raise ValueError("CIDEr-D needs at least one prediction")
-        scores = cider_d_scores([tokenize(p) for p in predictions], [[tokenize(r) for r in refs] for refs in references])
+        scores = cider_d_scores(
+            [tokenize(p) for p in predictions], [[tokenize(r) for r in refs] for refs in references]
+        )
         return {"cider_d": sum(scores) / len(scores)}

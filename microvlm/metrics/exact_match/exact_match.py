@@ -38,7 +38,9 @@ class ExactMatch(evaluate.Metric):
             citation=_CITATION,
             inputs_description=_KWARGS_DESCRIPTION,
             features=[
-                datasets.Features({"predictions": datasets.Value("string"), "references": datasets.List(datasets.Value("string"))}),
+                datasets.Features(
+                    {"predictions": datasets.Value("string"), "references": datasets.List(datasets.Value("string"))}
+                ),
                 datasets.Features({"predictions": datasets.Value("string"), "references": datasets.Value("string")}),
             ],
         )
@@ -46,6 +48,8 @@ class ExactMatch(evaluate.Metric):
     def _compute(self, predictions: list[str], references: list[str] | list[list[str]]) -> dict[str, float]:
         if not predictions:
             raise ValueError("exact match needs at least one prediction")
-        hits = [normalise(p) in {normalise(r) for r in ([refs] if isinstance(refs, str) else refs)}
-                for p, refs in zip(predictions, references)]
+        hits = [
+            normalise(p) in {normalise(r) for r in ([refs] if isinstance(refs, str) else refs)}
+            for p, refs in zip(predictions, references)
+        ]
         return {"exact_match": sum(hits) / len(hits)}
