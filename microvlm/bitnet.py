@@ -2,19 +2,23 @@
 straight-through gradients.
 
 Forward, in training and at inference, for a layer with latent full-precision weight W (out, in):
-    s   = max(mean|W|, eps)                                                    (absmean scale, one per layer)
-    W_q = clamp(round(W / s), −1, 1) · s                                       (ternary {−1, 0, +1} · s)
+    g   = 1 / max(mean|W|, eps)                                                (inverse absmean scale, one per layer)
+    W_q = clamp(round(W · g), −1, 1) / g                                       (ternary {−1, 0, +1} / g)
     a   = max(max_j |x_j|, eps) over each token's features                     (absmax, one per token)
     x_q = clamp(round(x · Q_b / a), −Q_b − 1, Q_b) · a / Q_b,  Q_b = 2^(bits−1) − 1 = 127 for 8 bits
     y   = x_q W_qᵀ + b
-Both quantisers use the straight-through estimator, x + (q(x) − x).detach(): the forward value is q(x) while the
-backward pass treats q as the identity, so the latent weights receive exactly the gradient a plain Linear holding
-W_q (applied to x_q) would give its weight. Per element, |x_q − x| ≤ a / (2 Q_b) = a / 254.
+g is transformers' BitNet `weight_scale` convention (`integrations/bitnet.py`: y = (x_int W_tᵀ) / (g · 127 / a)).
+Both quantisers use the straight-through estimator with a quantisation strength λ ∈ [0, 1] (`BitLinear.strength`):
+the forward value is lerp(x, q(x), λ) — x at λ = 0, exactly q(x) at λ = 1 — while the backward pass treats the
+blend as the identity, so at λ = 1 the latent weights receive exactly the gradient a plain Linear holding W_q
+(applied to x_q) would give its weight. Raising λ from 0 to 1 over the first steps of quantisation-aware training
+(`set_quantisation_strength`) keeps a pretrained model from being erased by full quantisation at step 0.
+Per element, |x_q − x| ≤ a / (2 Q_b) = a / 254.
 
 The layer norm that the paper places before the activation quantiser is left to the surrounding model.
 
-`pack_ternary` stores the ternary values at 2 bits each (4 per byte) plus one float scale: a layer with n weights
-takes ceil(n / 4) bytes + one float32 scale on disk, against 4n bytes in float32.
+`pack_ternary` stores the ternary values at 2 bits each (4 per byte) in transformers' BitNet layout plus g: a layer
+with an (out, in) weight takes ceil(out / 4) · in bytes + one float32 on disk, against 4 · out · in in float32.
 
 This module is shipped as Hugging Face remote code, so it depends on torch only.
 """
@@ -30,6 +34,8 @@ from torch import nn
 logger = logging.getLogger(__name__)
 
 EPS = 1e-5
+# The linear layers of a Qwen2/Llama-style decoder that BitNet b1.58 makes ternary (embedding and LM head stay).
+LANGUAGE_MODEL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def ternary_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,12 +45,18 @@ def ternary_weight(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         weight (`torch.Tensor` of any shape): latent full-precision weight W.
 
     Returns:
-        `(values, scale)`: float32 `values` of W's shape with entries in {−1, 0, 1}, and the float32 scalar
-        `scale` s = max(mean|W|, eps), so that W_q = values · s.
+        `(values, inverse_scale)`: float32 `values` of W's shape with entries in {−1, 0, 1}, and the float32
+        scalar g = 1 / max(mean|W|, eps), so that W_q = values / g.
     """
     weight = weight.float()
-    scale = weight.abs().mean().clamp(min=EPS)
-    return (weight / scale).round().clamp(-1, 1), scale
+    inverse_scale = 1 / weight.abs().mean().clamp(min=EPS)
+    return (weight * inverse_scale).round().clamp(-1, 1), inverse_scale
+
+
+def straight_through(latent: torch.Tensor, quantised: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """Forward value lerp(latent, quantised, λ = `strength`) — `latent` at λ = 0 and exactly `quantised` at λ = 1
+    (torch.lerp is exact at both ends) — with the identity as gradient to `latent` and none to `quantised`."""
+    return torch.lerp(latent.detach(), quantised.detach().to(latent.dtype), strength) + (latent - latent.detach())
 
 
 def quantise_activations(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
@@ -74,6 +86,9 @@ class BitLinear(nn.Linear):
         in_features, out_features, bias, device, dtype: as for `nn.Linear`.
         activation_bits (`int` or `None`, defaults to 8): bit width of the absmax activation quantiser; `None`
             keeps activations in full precision (weight-only ternary quantisation).
+
+    `strength` (λ, defaults to 1) blends the full-precision forward (0) into the quantised one (1); it is not
+    saved (a loaded model is fully quantised) and is set during training by `set_quantisation_strength`.
     """
 
     def __init__(
@@ -89,6 +104,7 @@ class BitLinear(nn.Linear):
             raise ValueError(f"activation_bits must be None or an integer ≥ 2, got {activation_bits}")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.activation_bits = activation_bits
+        self.strength = 1.0
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, activation_bits: int | None = 8) -> "BitLinear":
@@ -106,19 +122,30 @@ class BitLinear(nn.Linear):
         return layer.train(linear.training)
 
     def quantised_weight(self) -> torch.Tensor:
-        """W_q (out, in) = clamp(round(W / s), −1, 1) · s in the weight's dtype, without a gradient path."""
-        values, scale = ternary_weight(self.weight)
-        return (values * scale).to(self.weight.dtype).detach()
+        """W_q (out, in) = clamp(round(W · g), −1, 1) / g in the weight's dtype, without a gradient path."""
+        values, inverse_scale = ternary_weight(self.weight)
+        return (values / inverse_scale).to(self.weight.dtype).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (..., in_features) → y (..., out_features) = x_q W_qᵀ + b; straight-through gradients to x and W."""
-        weight = self.weight + (self.quantised_weight() - self.weight).detach()
+        """x (..., in_features) → y (..., out_features) = x_q W_qᵀ + b at λ = 1 (each operand blended with its
+        full-precision value below 1); straight-through gradients to x and W."""
+        weight = straight_through(self.weight, self.quantised_weight(), self.strength)
         if self.activation_bits is not None:
-            x = x + (quantise_activations(x, self.activation_bits) - x).detach()
+            x = straight_through(x, quantise_activations(x, self.activation_bits), self.strength)
         return nn.functional.linear(x, weight, self.bias)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, ternary weights, activation_bits={self.activation_bits}"
+
+
+def set_quantisation_strength(module: nn.Module, strength: float) -> int:
+    """Set λ (`BitLinear.strength`, in [0, 1]) of every BitLinear under `module`; returns how many were set."""
+    if not 0 <= strength <= 1:
+        raise ValueError(f"set_quantisation_strength: λ must lie in [0, 1], got {strength}")
+    layers = [layer for layer in module.modules() if isinstance(layer, BitLinear)]
+    for layer in layers:
+        layer.strength = strength
+    return len(layers)
 
 
 def convert_linear_to_bitlinear(
@@ -160,6 +187,14 @@ def convert_linear_to_bitlinear(
     return len(targets)
 
 
+def convert_language_model_to_bitlinear(language_model: nn.Module, activation_bits: int | None = 8) -> int:
+    """`convert_linear_to_bitlinear` on the `LANGUAGE_MODEL_PROJECTIONS` layers of a decoder; returns the count."""
+    names = [
+        name for name, _ in language_model.named_modules() if name.rpartition(".")[2] in LANGUAGE_MODEL_PROJECTIONS
+    ]
+    return convert_linear_to_bitlinear(language_model, names, activation_bits)
+
+
 @torch.no_grad()
 def quantisation_stats(module: nn.Module, per_layer: bool = False) -> dict[str, float]:
     """Weight-quantisation statistics of the BitLinear layers under `module`, for the training logs.
@@ -177,14 +212,14 @@ def quantisation_stats(module: nn.Module, per_layer: bool = False) -> dict[str, 
     per_layer_rows: dict[str, dict[str, float]] = {}
     for name, layer in module.named_modules():
         if isinstance(layer, BitLinear):
-            values, scale = ternary_weight(layer.weight)
+            values, inverse_scale = ternary_weight(layer.weight)
             weight = layer.weight.float()
             per_layer_rows[name] = {
-                "weight_rel_error": float((weight - values * scale).norm() / weight.norm().clamp(min=EPS)),
+                "weight_rel_error": float((weight - values / inverse_scale).norm() / weight.norm().clamp(min=EPS)),
                 "zero_fraction": float((values == 0).float().mean()),
                 "plus_fraction": float((values == 1).float().mean()),
                 "minus_fraction": float((values == -1).float().mean()),
-                "scale": float(scale),
+                "scale": float(1 / inverse_scale),
             }
     if not per_layer_rows:
         return {}
@@ -196,40 +231,48 @@ def quantisation_stats(module: nn.Module, per_layer: bool = False) -> dict[str, 
     return stats
 
 
-def pack_ternary(weight: torch.Tensor) -> tuple[torch.Tensor, float, tuple[int, ...]]:
-    """Absmean-ternarise `weight` and pack its values at 2 bits each.
+def pack_ternary(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Absmean-ternarise `weight` and pack its values at 2 bits each, in transformers' BitNet layout.
 
-    Layout: the flattened (row-major) value t_i ∈ {−1, 0, 1} is stored as the code t_i + 1 ∈ {0, 1, 2} in bits
-    2·(i mod 4) .. 2·(i mod 4) + 1 of byte ⌊i / 4⌋; the last byte is zero-padded.
+    Layout (transformers' `integrations.bitnet.pack_weights`): with d₀ = weight.shape[0] and R = ceil(d₀ / 4), the
+    value t ∈ {−1, 0, 1} at index (r, c…) is stored as the code t + 1 ∈ {0, 1, 2} in bits 2k .. 2k + 1 of byte
+    (r mod R, c…), k = ⌊r / R⌋: byte (j, c…) holds rows j, j + R, j + 2R, j + 3R of column c…, lowest bits first;
+    bits of rows ≥ d₀ are zero. For an (out, in) weight each packed row is contiguous over `in`, so a kernel reads
+    one activation vector against four output rows per byte.
 
     Args:
-        weight (`torch.Tensor` of any shape, n elements): latent full-precision weight.
+        weight (`torch.Tensor` of shape (d₀, …)): latent full-precision weight.
 
     Returns:
-        `(packed, scale, shape)`: `packed` a uint8 tensor of shape (ceil(n / 4),) on weight's device, `scale` the
-        absmean scale s as a Python float (exactly the float32 value), `shape` the weight's shape.
+        `(packed, inverse_scale)`: uint8 `packed` of shape (R, …) on weight's device and the float32 tensor g of
+        shape (1,) (transformers' `weight_scale`): W_q = values / g.
     """
-    values, scale = ternary_weight(weight)
-    codes = (values.flatten() + 1).to(torch.uint8)
-    codes = torch.cat([codes, codes.new_zeros(-codes.numel() % 4)]).view(-1, 4)
-    packed = codes[:, 0] | (codes[:, 1] << 2) | (codes[:, 2] << 4) | (codes[:, 3] << 6)
-    return packed, float(scale), tuple(weight.shape)
+    values, inverse_scale = ternary_weight(weight)
+    rows = values.shape[0]
+    codes = (values + 1).to(torch.uint8)
+    codes = torch.cat([codes, codes.new_zeros(-rows % 4, *codes.shape[1:])]).view(4, -1, *codes.shape[1:])
+    packed = codes[0] | (codes[1] << 2) | (codes[2] << 4) | (codes[3] << 6)
+    return packed, inverse_scale.reshape(1)
 
 
-def unpack_ternary(packed: torch.Tensor, scale: float, shape: Iterable[int]) -> torch.Tensor:
-    """Inverse of `pack_ternary`: the float32 W_q = values · scale of `shape` (exactly BitLinear's W_q in float32).
+def ternary_codes(packed: torch.Tensor, rows: int) -> torch.Tensor:
+    """The uint8 codes t + 1 ∈ {0, 1, 2} (3 in a corrupt byte) of shape (rows, …) held by `pack_ternary`'s bytes.
 
     Raises:
-        `ValueError`: if `packed` is not a uint8 tensor of ceil(prod(shape) / 4) bytes.
+        `ValueError`: if `packed` is not uint8 with ceil(rows / 4) rows.
     """
-    shape = tuple(shape)
-    n = math.prod(shape)
-    if packed.dtype != torch.uint8 or packed.numel() != math.ceil(n / 4):
+    if packed.dtype != torch.uint8 or packed.dim() == 0 or packed.shape[0] != math.ceil(rows / 4):
         raise ValueError(
-            f"unpack_ternary: expected {math.ceil(n / 4)} uint8 bytes for shape {shape}, "
-            f"got {packed.numel()} of {packed.dtype}"
+            f"unpack_ternary: expected uint8 bytes of {math.ceil(rows / 4)} rows for {rows} rows, "
+            f"got {packed.dtype} of shape {tuple(packed.shape)}"
         )
-    codes = torch.stack([(packed.flatten() >> shift) & 3 for shift in (0, 2, 4, 6)], dim=1).flatten()[:n]
-    if (codes == 3).any():
-        raise ValueError("unpack_ternary: code 3 found; the bytes were not written by pack_ternary")
-    return (codes.float() - 1).view(shape) * torch.tensor(scale, dtype=torch.float32, device=packed.device)
+    return torch.cat([(packed >> shift) & 3 for shift in (0, 2, 4, 6)])[:rows]
+
+
+def unpack_ternary(packed: torch.Tensor, inverse_scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """Inverse of `pack_ternary`: the float32 W_q = values / g with `rows` rows (exactly BitLinear's W_q in float32).
+
+    Raises:
+        `ValueError`: if `packed` is not uint8 with ceil(rows / 4) rows.
+    """
+    return (ternary_codes(packed, rows).float() - 1) / inverse_scale.float()

@@ -84,6 +84,10 @@ class MicroVLMConfig(PretrainedConfig):
         memory_step_loss_weight (`float`): weight of the addressing loss that teaches a recall question's key to
             find the asked step (needs `memory_target_step` in the batch).
         memory_use_bitnet (`bool`): BitNet b1.58 ternary weights (8-bit activations) for W_M and ScopeNet.
+        lm_use_bitnet (`bool`): BitNet b1.58 ternary weights (8-bit activations) for the language model's q, k, v,
+            o, gate, up and down projections (quantisation-aware training; embedding and LM head stay).
+        weight_formats (`dict`, *optional*): the packed form of an exported model (see `packed_weights.py`),
+            written by `python -m microvlm.export`; `None` for a model in training form.
         scope_hidden_size (`int`), scope_threshold (`float`): ScopeNet gate width and inference threshold.
         scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_labels`, when a batch carries them.
     """
@@ -125,6 +129,8 @@ class MicroVLMConfig(PretrainedConfig):
         memory_step_loss_weight: float = 1.0,
         memory_addressing_log_variance_init: float = -9.0,
         memory_use_bitnet: bool = False,
+        lm_use_bitnet: bool = False,
+        weight_formats: dict | None = None,
         scope_hidden_size: int = 256,
         scope_threshold: float = 0.5,
         scope_loss_weight: float = 0.1,
@@ -162,6 +168,8 @@ class MicroVLMConfig(PretrainedConfig):
         self.memory_step_loss_weight = memory_step_loss_weight
         self.memory_addressing_log_variance_init = memory_addressing_log_variance_init
         self.memory_use_bitnet = memory_use_bitnet
+        self.lm_use_bitnet = lm_use_bitnet
+        self.weight_formats = weight_formats
         self.scope_hidden_size = scope_hidden_size
         self.scope_threshold = scope_threshold
         self.scope_loss_weight = scope_loss_weight

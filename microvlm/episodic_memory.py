@@ -71,9 +71,13 @@ class MicroVLMEpisodicMemory(nn.Module):
             tokens_per_read=config.memory_tokens_per_read,
         )
         self.scope_net = ScopeNet(code_dim, config.scope_hidden_size)
-        if config.memory_use_bitnet:  # BitNet b1.58 ternary W_M and ScopeNet (same parameter names)
-            convert_linear_to_bitlinear(self, names=["projection", "scope_net"])
+        if config.memory_use_bitnet:
+            self.convert_to_bitnet()
         self.state: MemoryState | None = None
+
+    def convert_to_bitnet(self) -> int:
+        """BitNet b1.58 ternary W_M and ScopeNet in place (same parameter names); returns the layers converted."""
+        return convert_linear_to_bitlinear(self, names=["projection", "scope_net"])
 
     def write(
         self, codes: torch.Tensor, weight: float | torch.Tensor = 1.0, state: MemoryState | None = None

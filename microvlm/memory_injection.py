@@ -24,7 +24,8 @@ class ScopeNet(nn.Module):
         )
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.net(context.to(self.net[0].weight.dtype)).squeeze(-1).float())
+        # The bias's dtype, not the weight's: an exported ternary layer keeps its weight packed as uint8.
+        return torch.sigmoid(self.net(context.to(self.net[0].bias.dtype)).squeeze(-1).float())
 
 
 class MemoryKVProjection(nn.Module):
@@ -42,7 +43,7 @@ class MemoryKVProjection(nn.Module):
 
     def forward(self, readouts: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
         batch, reads = readouts.shape[:2]
-        kv = self.proj(readouts.to(self.proj.weight.dtype))
+        kv = self.proj(readouts.to(self.proj.bias.dtype))  # bias: a packed ternary weight is uint8
         # (B, reads, layers, 2, tokens, heads, head_dim) → per layer (B, heads, reads·tokens, head_dim)
         kv = kv.view(batch, reads, self.num_layers, 2, self.tokens_per_read, self.num_key_value_heads, self.head_dim)
         kv = kv.permute(2, 3, 0, 5, 1, 4, 6).reshape(

@@ -19,16 +19,17 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import ModelOutput
 
 from .alignment import MicroVLMAlignmentHead, equal_sequences, text_token_mask
-
-# transformers 5.0 copies only the direct relative imports of a local remote-code folder: name every module the
-# model needs here, even those only used through another one.
-from .bitnet import BitLinear  # noqa: F401
+from .bitnet import convert_language_model_to_bitlinear
 from .configuration_microvlm import MicroVLMConfig
 from .episodic_memory import MemoryRead, MicroVLMEpisodicMemory
 from .larimar_memory import LarimarMemory, MemoryState
 from .memory_cache import MemoryCache
+
+# transformers 5.0 copies only the direct relative imports of a local remote-code folder: name every module the
+# model needs here, even those only used through another one.
 from .memory_encoder import MemoryEncoder  # noqa: F401
 from .memory_injection import MemoryKVProjection, ScopeNet  # noqa: F401
+from .packed_weights import apply_weight_formats, check_packed_weights, check_safetensors_files
 from .vision_adapter import MicroVLMVisionAdapter
 
 
@@ -152,6 +153,8 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
         self.alignment = MicroVLMAlignmentHead(config)
         self.memory = MicroVLMEpisodicMemory(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        if config.lm_use_bitnet:  # BitNet b1.58 ternary projections (same parameter names)
+            convert_language_model_to_bitlinear(self.language_model)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -353,6 +356,31 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         name = next(n for n, p in self.model.language_model.named_parameters() if p is embedding)
         self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{name}"}
         self.post_init()
+        if config.weight_formats:  # an exported folder: rebuild the packed layers its tensors belong to
+            apply_weight_formats(self, config.weight_formats)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> "MicroVLMForCausalLM":
+        """`PreTrainedModel.from_pretrained`, with the weight files of a local folder checked first (a truncated
+        file fails naming the tensor) and the packed tensors of an exported one checked after loading."""
+        if os.path.isdir(pretrained_model_name_or_path):
+            check_safetensors_files(pretrained_model_name_or_path)
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        check_packed_weights(model)
+        return model
+
+    def enable_bitnet(self, language_model: bool = True, memory: bool = False) -> int:
+        """Make the LM body's projections (and, with `memory`, W_M and ScopeNet) BitNet b1.58 ternary layers in
+        place, keeping their parameters, and set `lm_use_bitnet` / `memory_use_bitnet` so that a saved copy is
+        rebuilt the same way. Returns the number of layers converted (0 for those already ternary)."""
+        converted = 0
+        if language_model:
+            self.config.lm_use_bitnet = True
+            converted += convert_language_model_to_bitlinear(self.model.language_model)
+        if memory:
+            self.config.memory_use_bitnet = True
+            converted += self.model.memory.convert_to_bitnet()
+        return converted
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

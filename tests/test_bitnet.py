@@ -173,28 +173,37 @@ def test_config_switch_builds_bitnet_memory_layers_that_survive_save_and_load(tm
     torch.testing.assert_close(loaded.model.memory.projection.proj.weight, model.model.memory.projection.proj.weight)
 
 
-@pytest.mark.parametrize("shape", [(7, 13), (8, 4), (5,), (3, 2, 3), (1,)])
-def test_packing_round_trips_exactly_at_two_bits_per_weight(shape):
+@pytest.mark.parametrize("shape", [(7, 13), (8, 4), (5,), (3, 2, 3), (1, 6)])
+def test_packing_is_transformers_bitnet_layout_and_round_trips_exactly(shape):
+    from transformers.integrations.bitnet import pack_weights  # the independent reference layout
+
     torch.manual_seed(0)
     weight = torch.randn(shape)
-    packed, scale, packed_shape = pack_ternary(weight)
-    n = weight.numel()
-    assert packed.dtype == torch.uint8 and packed.shape == (math.ceil(n / 4),) and packed_shape == shape
+    packed, inverse_scale = pack_ternary(weight)
     values, reference_scale = reference_ternary(weight)
-    assert scale == pytest.approx(float(reference_scale), rel=1e-6)
-    unpacked = unpack_ternary(packed, scale, packed_shape)
+    assert packed.dtype == torch.uint8 and packed.shape == (math.ceil(shape[0] / 4), *shape[1:])
+    assert torch.equal(packed, pack_weights(values.float().clone()))
+    assert inverse_scale.shape == (1,) and float(inverse_scale) == pytest.approx(1 / float(reference_scale), rel=1e-6)
+    unpacked = unpack_ternary(packed, inverse_scale, shape[0])
     assert unpacked.dtype == torch.float32 and unpacked.shape == shape
-    assert torch.equal(unpacked / torch.tensor(scale), values.float())  # the ternary values, bit for bit
+    assert torch.equal(unpacked * inverse_scale, values.float())  # the ternary values, bit for bit
     if len(shape) == 2:
         layer = BitLinear(shape[1], shape[0])
         layer.weight.data.copy_(weight)
         assert torch.equal(unpacked, layer.quantised_weight())
 
 
+def test_packed_bytes_by_hand():
+    # Rows 0..4 of a (5, 1) weight, R = 2: byte 0 holds rows 0, 2, 4 (codes at bits 0, 2, 4), byte 1 rows 1, 3.
+    weight = torch.tensor([[1.0], [-1.0], [0.0], [1.0], [-1.0]])
+    packed, _ = pack_ternary(weight)
+    assert packed.flatten().tolist() == [2 | (1 << 2) | (0 << 4), 0 | (2 << 2)]
+
+
 def test_unpacking_rejects_bytes_of_the_wrong_size():
-    packed, scale, _ = pack_ternary(torch.randn(10))
-    with pytest.raises(ValueError, match="expected 3"):
-        unpack_ternary(packed[:2], scale, (10,))
+    packed, inverse_scale = pack_ternary(torch.randn(10, 3))
+    with pytest.raises(ValueError, match="expected uint8 bytes of 3 rows"):
+        unpack_ternary(packed[:2], inverse_scale, 10)
 
 
 def test_stats_keys_and_ranges():

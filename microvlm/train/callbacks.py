@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from transformers import TrainerCallback
 
+from ..bitnet import set_quantisation_strength
+
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +82,26 @@ class GradientFlowCallback(TrainerCallback):
         """Metrics gathered since the last log line (MicroVLMTrainer.log merges them)."""
         metrics, self.pending = self.pending, {}
         return metrics
+
+
+class QuantisationWarmupCallback(TrainerCallback):
+    """BitNet λ warm-up: before optimizer step t, every BitLinear's strength is λ = min(1, t / warmup_steps)
+    (1 throughout when `warmup_steps` is 0), and 1 when training ends; logged as `bitnet/strength` when the model
+    has BitLinear layers."""
+
+    def __init__(self, warmup_steps: int = 0):
+        self.warmup_steps = warmup_steps
+        self.strength, self.layers = 1.0, 0
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.strength = min(1.0, state.global_step / self.warmup_steps) if self.warmup_steps else 1.0
+        self.layers = set_quantisation_strength(model, self.strength)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        set_quantisation_strength(model, 1.0)
+
+    def pop_metrics(self) -> dict[str, float]:
+        return {"bitnet/strength": self.strength} if self.layers else {}
 
 
 class MemoryCheckpointCallback(TrainerCallback):

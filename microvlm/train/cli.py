@@ -20,7 +20,13 @@ from ..configuration_microvlm import MicroVLMConfig
 from ..data.collator import MicroVLMCollator
 from ..modeling_microvlm import MicroVLMForCausalLM
 from ..processing_microvlm import MicroVLMProcessor
-from .callbacks import GradientFlowCallback, MemoryCheckpointCallback, VisualisationCallback, group_of
+from .callbacks import (
+    GradientFlowCallback,
+    MemoryCheckpointCallback,
+    QuantisationWarmupCallback,
+    VisualisationCallback,
+    group_of,
+)
 from .quantization import add_qlora, nf4_quantization_config
 from .trainer import MicroVLMTrainer
 
@@ -28,7 +34,7 @@ from .trainer import MicroVLMTrainer
 logger = logging.getLogger("microvlm.train")
 
 CONFIGS_DIR = Path(__file__).parent.parent / "configs"
-STAGES = ("stage1", "stage2")
+STAGES = ("stage1", "stage2", "quantized")
 
 
 @dataclass
@@ -45,6 +51,9 @@ class ModelArguments:
     trainable_lm_layers: int = field(default=0, metadata={"help": "also train the last N decoder layers of the LM"})
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 4-bit frozen vision tower and LM (bitsandbytes)"})
     lora_rank: int = field(default=0, metadata={"help": "QLoRA on the LM's seven projections with this rank (0: off)"})
+    lm_use_bitnet: bool = field(default=False, metadata={"help": "BitNet b1.58 QAT of the LM's seven projections"})
+    memory_use_bitnet: bool = field(default=False, metadata={"help": "BitNet b1.58 ternary W_M and ScopeNet"})
+    bitnet_warmup_steps: int = field(default=0, metadata={"help": "BitNet λ: full precision → ternary over N steps"})
 
 
 @dataclass
@@ -74,7 +83,7 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
-    stage: str = field(default="stage1", metadata={"help": "stage1, stage2 or both"})
+    stage: str = field(default="stage1", metadata={"help": "stage1, stage2, quantized (BitNet QAT) or both"})
     recipe: str | None = field(default=None, metadata={"help": "named recipe in configs/: demo, test"})
     gradient_flow_steps: int = field(default=50, metadata={"help": "log gradient flow every N steps"})
     visualisation_steps: int = field(
@@ -201,6 +210,7 @@ def build_trainer(
         training_args.output_dir = str(Path(training_args.output_dir) / stage)
     set_seed(training_args.seed)
     model = build_model(model_args, training_args)
+    model.enable_bitnet(model_args.lm_use_bitnet, model_args.memory_use_bitnet)
     processor = build_processor(model_args)
     groups = model_args.train_groups
     counts = freeze_for_stage(model, groups, model_args.trainable_lm_layers)
@@ -217,6 +227,7 @@ def build_trainer(
         GradientFlowCallback(run_args.gradient_flow_steps),
         VisualisationCallback(probe_batch, run_args.visualisation_steps),
         MemoryCheckpointCallback(),
+        QuantisationWarmupCallback(model_args.bitnet_warmup_steps),
     ]
     return MicroVLMTrainer(
         model=model,
@@ -254,7 +265,7 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser = HfArgumentParser(RunArguments, add_help=False)
     run_args, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if run_args.stage not in (*STAGES, "both"):
-        raise ValueError(f"--stage must be stage1, stage2 or both, got {run_args.stage!r}")
+        raise ValueError(f"--stage must be stage1, stage2, quantized or both, got {run_args.stage!r}")
     if run_args.stage != "both":
         return [run_stage(run_args.stage, argv, run_args.recipe)]
     first = run_stage("stage1", argv, run_args.recipe, stage_folder=True)

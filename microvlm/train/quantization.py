@@ -8,12 +8,13 @@ import logging
 
 import torch
 
+from ..bitnet import LANGUAGE_MODEL_PROJECTIONS as LORA_TARGETS
+
 
 logger = logging.getLogger(__name__)
 
 # MicroVLM's own trainable parts stay in full precision; only the vision tower and the LM body are quantised.
 SKIP_MODULES = ["model.adapter", "model.alignment", "model.memory", "lm_head"]
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def nf4_quantization_config(device: torch.device | str):
