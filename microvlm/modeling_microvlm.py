@@ -160,6 +160,15 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
 
+    def train(self, mode: bool = True) -> "MicroVLMModel":
+        """`nn.Module.train`, except that a vision tower without trainable parameters stays in eval mode: a frozen
+        tower (stage 2) keeps the batch-norm statistics it was trained with and gives the features it will give at
+        inference, rather than per-batch statistics."""
+        super().train(mode)
+        if mode and not any(param.requires_grad for param in self.vision_tower.parameters()):
+            self.vision_tower.eval()
+        return self
+
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 

@@ -136,6 +136,23 @@ def test_gradients_reach_adapter_and_alignment_but_not_frozen_towers(tiny_model,
         assert (param.grad is not None and param.grad.abs().sum() > 0) == trained, name
 
 
+def test_a_frozen_vision_tower_keeps_its_batch_norm_statistics_in_training_mode(tiny_config):
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(tiny_config)
+    inputs = make_inputs(tiny_config, [5, 5])
+    stats = {name: buffer.clone() for name, buffer in model.model.vision_tower.named_buffers()}
+    model.train()
+    assert model.model.vision_tower.training  # trainable: batch statistics, running averages move
+    model(**inputs, labels=inputs["input_ids"])
+    assert any(not torch.equal(stats[n], b) for n, b in model.model.vision_tower.named_buffers() if "running" in n)
+    model.model.vision_tower.requires_grad_(False)
+    model.train()
+    assert model.training and model.model.adapter.training and not model.model.vision_tower.training
+    stats = {name: buffer.clone() for name, buffer in model.model.vision_tower.named_buffers()}
+    model(**inputs, labels=inputs["input_ids"])
+    assert all(torch.equal(stats[n], b) for n, b in model.model.vision_tower.named_buffers())
+
+
 def test_placeholder_count_mismatch_is_a_clear_error(tiny_model, tiny_config):
     inputs = make_inputs(tiny_config, [5])
     inputs["input_ids"][0, -1] = tiny_config.image_token_id
