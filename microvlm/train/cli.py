@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from ..configuration_microvlm import MicroVLMConfig
@@ -49,6 +50,9 @@ class ModelArguments:
         metadata={"help": "module groups to train: vision, adapter, alignment, memory, scope_net, language"},
     )
     trainable_lm_layers: int = field(default=0, metadata={"help": "also train the last N decoder layers of the LM"})
+    trainable_vision_layers: int = field(
+        default=0, metadata={"help": "also train the last N blocks of the vision tower (DeiT: 4 of 12)"}
+    )
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 4-bit frozen vision tower and LM (bitsandbytes)"})
     lora_rank: int = field(default=0, metadata={"help": "QLoRA on the LM's seven projections with this rank (0: off)"})
     lm_use_bitnet: bool = field(default=False, metadata={"help": "BitNet b1.58 QAT of the LM's seven projections"})
@@ -129,14 +133,37 @@ def parse(argv: list[str], stage: str, recipe: str | None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def freeze_for_stage(model: MicroVLMForCausalLM, groups: list[str], trainable_lm_layers: int) -> dict[str, int]:
-    """Train only the named groups (plus the last `trainable_lm_layers` LM layers); returns trainable counts."""
+VISION_BLOCK_LISTS = ("encoder.layer", "encoder.layers", "encoder.stages")  # ViT/DeiT, Swin-like, ResNet
+
+
+def vision_blocks(tower: nn.Module) -> nn.ModuleList:
+    """The vision tower's sequence of blocks (DeiT-Tiny: its 12 encoder layers; ResNet: its stages)."""
+    for path in VISION_BLOCK_LISTS:
+        try:
+            blocks = tower.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise ValueError(
+        f"trainable_vision_layers: {type(tower).__name__} has no block list at {VISION_BLOCK_LISTS}. Train the whole "
+        "tower with --train_groups vision ..., or set --trainable_vision_layers 0."
+    )
+
+
+def freeze_for_stage(
+    model: MicroVLMForCausalLM, groups: list[str], trainable_lm_layers: int, trainable_vision_layers: int = 0
+) -> dict[str, int]:
+    """Train only the named groups, plus the last `trainable_lm_layers` LM layers and the last
+    `trainable_vision_layers` vision blocks; returns trainable parameter counts by group."""
     model.requires_grad_(False)
     for name, param in model.named_parameters():
         if group_of(name) in groups and param.is_floating_point():  # 4-bit weights are frozen by nature
             param.requires_grad_(True)
     if trainable_lm_layers:
         model.model.language_model.layers[-trainable_lm_layers:].requires_grad_(True)
+    if trainable_vision_layers:
+        vision_blocks(model.model.vision_tower)[-trainable_vision_layers:].requires_grad_(True)
     # The temperature stays fixed unless the config says it is learnable, whatever the groups say.
     model.model.alignment.log_logit_scale.requires_grad_(model.config.alignment_learnable_temperature)
     counts: dict[str, int] = {}
@@ -213,7 +240,7 @@ def build_trainer(
     model.enable_bitnet(model_args.lm_use_bitnet, model_args.memory_use_bitnet)
     processor = build_processor(model_args)
     groups = model_args.train_groups
-    counts = freeze_for_stage(model, groups, model_args.trainable_lm_layers)
+    counts = freeze_for_stage(model, groups, model_args.trainable_lm_layers, model_args.trainable_vision_layers)
     if model_args.lora_rank:
         model = add_qlora(model, rank=model_args.lora_rank, trainable_modules=[g for g in groups if g != "language"])
     logger.info("%s: trainable parameters by group %s", stage, counts)
