@@ -133,7 +133,11 @@ def parse(argv: list[str], stage: str, recipe: str | None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-VISION_BLOCK_LISTS = ("encoder.layer", "encoder.layers", "encoder.stages")  # ViT/DeiT, Swin-like, ResNet
+VISION_BLOCK_LISTS = (
+    "layers",
+    "encoder.layer",
+    "encoder.stages",
+)  # ViT/DeiT (transformers 5; 4: encoder.layer), ResNet
 
 
 def vision_blocks(tower: nn.Module) -> nn.ModuleList:
