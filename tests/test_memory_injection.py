@@ -396,3 +396,18 @@ def test_the_memory_encoder_standardises_over_the_batch_and_takes_a_single_row_i
     # A single row has no batch statistics: it uses the running ones, as in eval mode.
     single = encoder(embeds[:1], text[:1], image[:1])
     torch.testing.assert_close(single, encoder.eval()(embeds[:1], text[:1], image[:1]))
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1])
+def test_the_memory_reconstruction_term_is_returned_and_weighted_into_the_loss(weight):
+    torch.manual_seed(14)
+    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny-m", memory_reconstruction_weight=weight)).eval()
+    inputs = make_inputs(model.config, [5, 5], seed=15)
+    episode = {k: v.expand(2, *v.shape[1:]) for k, v in episode_of(model.config, 3, seed=16).items()}
+    out = model(**inputs, labels=inputs["input_ids"], **episode)
+    if not weight:  # skipped, not computed: presets without the term keep their loss and random stream
+        assert out.memory_reconstruction_loss is None
+        return
+    assert out.memory_reconstruction_loss is not None and out.memory_reconstruction_loss >= 0
+    rest = out.lm_loss + 0.5 * out.alignment_loss + 0.02 * out.memory_kl + 0.005 * out.addressing_kl
+    torch.testing.assert_close(out.loss, rest + weight * out.memory_reconstruction_loss)

@@ -36,11 +36,18 @@ logger = logging.getLogger("microvlm.train")
 
 CONFIGS_DIR = Path(__file__).parent.parent / "configs"
 STAGES = ("stage1", "stage2", "quantized")
+DEFAULT_PRESET = "tiny"
 
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="tiny", metadata={"help": "MicroVLM preset to build when not starting from a folder"})
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "MicroVLM preset (MicroVLMConfig.preset_names()) to build when not starting from a folder "
+            "(default: tiny); with --vision_model/--language_model, the preset that sizes the parts around them"
+        },
+    )
     init_from: str | None = field(default=None, metadata={"help": "a saved MicroVLM folder to start from"})
     vision_model: str | None = field(default=None, metadata={"help": "pretrained vision tower (hub id or folder)"})
     language_model: str | None = field(default=None, metadata={"help": "pretrained LM (hub id or folder)"})
@@ -186,9 +193,11 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments) ->
     source = model_args.init_from
     if source is None:
         if model_args.vision_model and model_args.language_model:
-            model = MicroVLMForCausalLM.from_pretrained_backbones(model_args.vision_model, model_args.language_model)
+            model = MicroVLMForCausalLM.from_pretrained_backbones(
+                model_args.vision_model, model_args.language_model, preset=model_args.preset
+            )
         else:
-            model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(model_args.preset))
+            model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(model_args.preset or DEFAULT_PRESET))
         if not model_args.load_in_4bit:
             model.config.use_memory = model_args.use_memory
             return model
@@ -203,7 +212,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments) ->
 def build_processor(model_args: ModelArguments) -> MicroVLMProcessor:
     if model_args.init_from:
         return MicroVLMProcessor.from_pretrained(model_args.init_from)
-    return MicroVLMProcessor.from_preset(model_args.preset)
+    return MicroVLMProcessor.from_preset(model_args.preset or DEFAULT_PRESET)
 
 
 def build_datasets(data_args: DataArguments, config: MicroVLMConfig, seed: int):
