@@ -12,29 +12,15 @@ import argparse
 import torch
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
+from microvlm.export.size_report import COMPONENTS, component
 from microvlm.train.cli import CONFIGS_DIR, freeze_for_stage, stage_defaults
 
 
-# (label, parameter-name prefixes), in the order of the README's table; the first matching row takes a parameter.
-COMPONENTS = (
-    ("vision tower", ("model.vision_tower.",)),
-    ("adapter", ("model.adapter.",)),
-    ("alignment head", ("model.alignment.",)),
-    ("memory encoder", ("model.memory.encoder.",)),
-    ("Larimar memory", ("model.memory.larimar.",)),
-    ("W_M (K/V per layer)", ("model.memory.projection.",)),
-    ("ScopeNet", ("model.memory.scope_net.",)),
-    ("LM embedding (+ tied head)", ("model.language_model.embed_tokens.",)),
-    ("LM decoder layers + final norm", ("model.language_model.",)),
-    ("LM head (untied)", ("lm_head.",)),
-)
-
-
 def component_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per component of `size_report.COMPONENTS` (the export's size report uses the same split)."""
     counts = {label: 0 for label, _ in COMPONENTS}
     for name, param in model.named_parameters():
-        label = next(label for label, prefixes in COMPONENTS if name.startswith(prefixes))
-        counts[label] += param.numel()
+        counts[component(name)] += param.numel()
     return counts
 
 
