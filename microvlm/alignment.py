@@ -66,12 +66,18 @@ def info_nce(
 
 
 class MicroVLMAlignmentHead(nn.Module):
-    """Projects an image embedding (B, `config.alignment_input_size`) into the LM embedding space (B, D) and scores
-    it against text."""
+    """Projects an image embedding (B, `config.alignment_input_size`) into the alignment space (B, P),
+    P = `config.alignment_dim`, and scores it against text.
+
+    With `alignment_projection_dim` unset, P is the LM hidden size D and the mean-pooled text embedding is used as
+    it is; with it set (MicroVLM-M: 512), the text side has its own projection D→P (`text_proj`).
+    """
 
     def __init__(self, config: MicroVLMConfig):
         super().__init__()
-        self.proj = nn.Linear(config.alignment_input_size, config.text_config.hidden_size)
+        self.proj = nn.Linear(config.alignment_input_size, config.alignment_dim)
+        hidden = config.text_config.hidden_size
+        self.text_proj = nn.Linear(hidden, config.alignment_dim) if config.alignment_projection_dim else None
         # A parameter even when frozen, so that it is saved and loaded like every other weight.
         self.initial_log_logit_scale = math.log(1.0 / config.alignment_temperature)
         self.log_logit_scale = nn.Parameter(
@@ -82,8 +88,10 @@ class MicroVLMAlignmentHead(nn.Module):
         self, image_embeds: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The two sides the head compares, not normalised: image_embeds (B_img, alignment_input_size) projected
-        → (B_img, D), text_embeds (B, T, D) mean-pooled over `text_mask` (B, T) → (B, D)."""
-        return self.proj(image_embeds), masked_mean(text_embeds, text_mask)
+        → (B_img, P), text_embeds (B, T, D) mean-pooled over `text_mask` (B, T) (and projected by `text_proj`
+        when there is one) → (B, P)."""
+        texts = masked_mean(text_embeds, text_mask)
+        return self.proj(image_embeds), texts if self.text_proj is None else self.text_proj(texts)
 
     def forward(
         self,

@@ -276,3 +276,32 @@ def unpack_ternary(packed: torch.Tensor, inverse_scale: torch.Tensor, rows: int)
         `ValueError`: if `packed` is not uint8 with ceil(rows / 4) rows.
     """
     return (ternary_codes(packed, rows).float() - 1) / inverse_scale.float()
+
+
+def latent_from_packed(packed: torch.Tensor, inverse_scale: torch.Tensor, rows: int) -> torch.Tensor:
+    """Latent float32 weights (rows, …) that `ternary_weight` turns back into exactly the packed W_q = t / g.
+
+    A packed checkpoint (transformers' BitNet quantizer: uint8 `weight` + `weight_scale` g) has lost its latent
+    weights. With f = mean|t| (the fraction of non-zero codes), W = t / (g·f) has mean|W| = 1/g, so absmean
+    ternarisation gives round(t / f) clamped = t (f ≤ 1) and the same g: a `BitLinear` holding W computes what
+    the packed layer computes. Training from W starts every weight on the ternary grid (prefer master weights).
+    """
+    values = ternary_codes(packed, rows).float() - 1
+    return values / (inverse_scale.float() * values.abs().mean().clamp(min=EPS))
+
+
+def master_state_dict(language_model: nn.Module) -> dict[str, torch.Tensor]:
+    """The state dict of a language model loaded from a packed BitNet checkpoint (projections holding a uint8
+    `weight` (⌈out/4⌉, in) and a `weight_scale`), in `nn.Linear` form: each packed weight becomes
+    `latent_from_packed`'s (out, in) latent weight and the scales are dropped. Other tensors are kept."""
+    state = {}
+    for name, tensor in language_model.state_dict().items():
+        module_name, _, leaf = name.rpartition(".")
+        module = language_model.get_submodule(module_name) if module_name else language_model
+        packed = getattr(module, "weight", None)
+        if packed is not None and packed.dtype == torch.uint8 and hasattr(module, "weight_scale"):
+            if leaf == "weight":
+                state[name] = latent_from_packed(packed, module.weight_scale, module.out_features)
+            continue  # weight_scale: folded into the latent weight
+        state[name] = tensor
+    return state

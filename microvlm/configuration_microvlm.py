@@ -61,7 +61,11 @@ class MicroVLMConfig(PretrainedConfig):
         patches_per_prefix_token, min_prefix_tokens, max_prefix_tokens (`int`):
             The adapter pools the patches into `clamp(ceil(num_patches / patches_per_prefix_token), min, max)`
             learned queries (25 for DeiT-Tiny's 196 patches).
-        adapter_mlp_ratio (`int`): hidden width of the adapter MLP as a multiple of the LM hidden size.
+        adapter_mlp_ratio (`int`): hidden width of the adapter MLP as a multiple of the LM hidden size, unless
+            `adapter_mlp_hidden_size` is set.
+        adapter_mlp_hidden_size (`int`, *optional*): hidden width of the adapter MLP in units (MicroVLM-M: 512);
+            `None`: `adapter_mlp_ratio` × LM hidden size (MicroVLM-V: 1792).
+        adapter_dropout (`float`): dropout on the adapter MLP's output (MicroVLM-M: 0.1).
         adapter_num_heads (`int`): heads of the adapter's cross-attention pooling.
         adapter_patch_positions (`bool`):
             Add learned per-patch position embeddings (num_patches, hidden) to the adapter's keys. Convolutional
@@ -72,8 +76,14 @@ class MicroVLMConfig(PretrainedConfig):
             or `"prefix"`, the adapter's k prefix tokens flattened (k · hidden), which carry the adapter's positions.
         alignment_temperature (`float`), alignment_learnable_temperature (`bool`):
             Temperature τ of the bidirectional InfoNCE between projected CLS and mean-pooled text embeddings.
+        alignment_projection_dim (`int`, *optional*): width of the space InfoNCE compares in (MicroVLM-M: 512):
+            image and text embeddings are each projected to it. `None`: the LM hidden size, with the text side
+            unprojected (MicroVLM-V, tiny).
         lm_loss_weight, alignment_loss_weight, memory_kl_weight, addressing_kl_weight (`float`):
             Weights of the loss terms: LM + α·InfoNCE + β·memory KL + γ·addressing KL.
+        memory_reconstruction_weight (`float`): weight of Larimar's reconstruction term, the mean squared error
+            between each written episode step's code and what that code reads back (see
+            `LarimarMemory.reconstruction_error`); 0 (default) skips computing it.
         use_memory (`bool`), memory_num_slots (`int`), memory_episode_size (`int`), memory_* :
             Larimar episodic memory settings (see `larimar_memory.py`).
         memory_key_dim (`int`): width of a code's key, the part that addresses (see `memory_encoder.py`); codes
@@ -89,6 +99,8 @@ class MicroVLMConfig(PretrainedConfig):
         weight_formats (`dict`, *optional*): the packed form of an exported model (see `packed_weights.py`),
             written by `python -m microvlm.export`; `None` for a model in training form.
         scope_hidden_size (`int`), scope_threshold (`float`): ScopeNet gate width and inference threshold.
+        scope_num_layers (`int`): ScopeNet's hidden layers: 2 gives code→h→h→1 (MicroVLM-V, tiny), 1 the seed's
+            MicroVLM-M code→256→1.
         scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_labels`, when a batch carries them.
     """
 
@@ -107,15 +119,19 @@ class MicroVLMConfig(PretrainedConfig):
         min_prefix_tokens: int = 8,
         max_prefix_tokens: int = 64,
         adapter_mlp_ratio: int = 2,
+        adapter_mlp_hidden_size: int | None = None,
+        adapter_dropout: float = 0.0,
         adapter_num_heads: int = 8,
         adapter_patch_positions: bool = False,
         alignment_image_source: str = "cls",
         alignment_temperature: float = 0.07,
         alignment_learnable_temperature: bool = False,
+        alignment_projection_dim: int | None = None,
         lm_loss_weight: float = 1.0,
         alignment_loss_weight: float = 1.0,
         memory_kl_weight: float = 0.02,
         addressing_kl_weight: float = 0.005,
+        memory_reconstruction_weight: float = 0.0,
         use_memory: bool = False,
         memory_num_slots: int = 512,
         memory_episode_size: int = 2,
@@ -134,6 +150,7 @@ class MicroVLMConfig(PretrainedConfig):
         scope_hidden_size: int = 256,
         scope_threshold: float = 0.5,
         scope_loss_weight: float = 0.1,
+        scope_num_layers: int = 2,
         **kwargs: Any,
     ):
         self.vision_config = _as_sub_config(vision_config, "deit", "vision_config")
@@ -146,15 +163,19 @@ class MicroVLMConfig(PretrainedConfig):
         self.min_prefix_tokens = min_prefix_tokens
         self.max_prefix_tokens = max_prefix_tokens
         self.adapter_mlp_ratio = adapter_mlp_ratio
+        self.adapter_mlp_hidden_size = adapter_mlp_hidden_size
+        self.adapter_dropout = adapter_dropout
         self.adapter_num_heads = adapter_num_heads
         self.adapter_patch_positions = adapter_patch_positions
         self.alignment_image_source = alignment_image_source
         self.alignment_temperature = alignment_temperature
         self.alignment_learnable_temperature = alignment_learnable_temperature
+        self.alignment_projection_dim = alignment_projection_dim
         self.lm_loss_weight = lm_loss_weight
         self.alignment_loss_weight = alignment_loss_weight
         self.memory_kl_weight = memory_kl_weight
         self.addressing_kl_weight = addressing_kl_weight
+        self.memory_reconstruction_weight = memory_reconstruction_weight
         self.use_memory = use_memory
         self.memory_num_slots = memory_num_slots
         self.memory_episode_size = memory_episode_size
@@ -173,6 +194,7 @@ class MicroVLMConfig(PretrainedConfig):
         self.scope_hidden_size = scope_hidden_size
         self.scope_threshold = scope_threshold
         self.scope_loss_weight = scope_loss_weight
+        self.scope_num_layers = scope_num_layers
         # Tying is the language model's own business (Qwen2.5-0.5B ties, others may not): mirror its setting so
         # that transformers' loading logic sees the same answer at both levels.
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
@@ -207,6 +229,22 @@ class MicroVLMConfig(PretrainedConfig):
             )
         if self.alignment_temperature <= 0:
             raise ValueError(f"MicroVLMConfig.alignment_temperature must be > 0, got {self.alignment_temperature}")
+        if not 0.0 <= self.adapter_dropout < 1.0:
+            raise ValueError(f"MicroVLMConfig.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
+        if self.scope_num_layers < 1:
+            raise ValueError(
+                f"MicroVLMConfig.scope_num_layers must be >= 1 (ScopeNet's hidden layers), got {self.scope_num_layers}"
+            )
+
+    @property
+    def adapter_hidden_size(self) -> int:
+        """Hidden width of the adapter MLP: `adapter_mlp_hidden_size`, else `adapter_mlp_ratio` × LM hidden size."""
+        return self.adapter_mlp_hidden_size or self.adapter_mlp_ratio * self.text_config.hidden_size
+
+    @property
+    def alignment_dim(self) -> int:
+        """Width of the space the alignment head compares in: `alignment_projection_dim`, else the LM hidden size."""
+        return self.alignment_projection_dim or self.text_config.hidden_size
 
     @property
     def vision_hidden_size(self) -> int:
@@ -245,7 +283,8 @@ class MicroVLMConfig(PretrainedConfig):
     def read_preset(cls, name: str) -> dict[str, Any]:
         """The values of `microvlm/presets/<name>.json`: the config's fields and, under `processor`, the
         tokenizer (a folder of the package or a Hub id), the image placeholder token and the image processor's
-        settings — everything a preset is, in one file."""
+        settings — everything a preset is. A preset with `"base": "<other preset>"` holds only what differs: its
+        fields replace the other's (sub-configs whole), its `processor` settings one by one."""
         path = PRESETS_DIR / f"{name}.json"
         if not path.is_file():
             raise ValueError(
@@ -254,7 +293,13 @@ class MicroVLMConfig(PretrainedConfig):
             )
         values = json.loads(path.read_text())
         values.pop("_comment", None)
-        return values
+        base = values.pop("base", None)
+        if base is None:
+            return values
+        # A preset built on another: its fields replace the base's, its `processor` settings key by key.
+        merged = cls.read_preset(base)
+        processor = {**merged.pop("processor"), **values.pop("processor", {})}
+        return {**merged, **values, "processor": processor}
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "MicroVLMConfig":

@@ -28,7 +28,8 @@ MEMORY_STATE_FILE = "memory_state.safetensors"
 @dataclass
 class MemoryRead(ModelOutput):
     """One read for a batch: per-layer `key_values` ((B, kv_heads, n_mem, head_dim) pairs), the memory columns'
-    attention `mask` (B, n_mem), ScopeNet's `gate` (B,), and the KL terms (scalars)."""
+    attention `mask` (B, n_mem), ScopeNet's `gate` (B,), the KL terms, the step loss and the reconstruction term
+    (scalars, the last two when the batch wrote episodes)."""
 
     key_values: tuple[tuple[torch.Tensor, torch.Tensor], ...] | None = None
     mask: torch.Tensor | None = None
@@ -36,6 +37,7 @@ class MemoryRead(ModelOutput):
     memory_kl: torch.Tensor | None = None
     addressing_kl: torch.Tensor | None = None
     step_loss: torch.Tensor | None = None
+    reconstruction_loss: torch.Tensor | None = None
 
 
 class MicroVLMEpisodicMemory(nn.Module):
@@ -70,7 +72,7 @@ class MicroVLMEpisodicMemory(nn.Module):
             head_dim=getattr(text, "head_dim", None) or hidden // text.num_attention_heads,
             tokens_per_read=config.memory_tokens_per_read,
         )
-        self.scope_net = ScopeNet(code_dim, config.scope_hidden_size)
+        self.scope_net = ScopeNet(code_dim, config.scope_hidden_size, num_layers=config.scope_num_layers)
         if config.memory_use_bitnet:
             self.convert_to_bitnet()
         self.state: MemoryState | None = None
@@ -112,6 +114,16 @@ class MicroVLMEpisodicMemory(nn.Module):
         logits = torch.einsum("bd,bed->be", question_keys, step_keys) / 0.1
         logits = logits.masked_fill(~mask, float("-inf"))
         return nn.functional.cross_entropy(logits[rows], target[rows])
+
+    def reconstruction_loss(
+        self, steps: torch.Tensor, step_mask: torch.Tensor, state: MemoryState
+    ) -> torch.Tensor | None:
+        """Mean over the real steps (step_mask (E, B) > 0) of `LarimarMemory.reconstruction_error` of the step codes
+        (E, B, C) written into `state`; None when no row wrote a step."""
+        real = step_mask > 0
+        if not bool(real.any()):
+            return None
+        return self.larimar.reconstruction_error(steps, state)[real].mean()
 
     def read(self, codes: torch.Tensor, state: MemoryState | None = None) -> MemoryRead:
         """Read codes (B, C) from `state`, else from the written memory, else from each row's own code written

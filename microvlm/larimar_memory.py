@@ -252,6 +252,16 @@ class LarimarMemory(nn.Module):
             kl_terms = {"memory_kl": self._memory_kl(mean, cov), "addressing_kl": addressing_kl}
         return readout.to(z.dtype), kl_terms
 
+    def reconstruction_error(self, z: torch.Tensor, state: MemoryState) -> torch.Tensor:
+        r"""Larimar's reconstruction term per step: (E, B) float32 ‖c − wᵀM‖² / C for codes z (E, B, C) written
+        into `state`, with c the layer-normed code the memory stores and w = address(z, state) the read's address
+        (deterministic: the mean read, no noise). Small when a written step reads back what was written."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            codes = self._codes(z)
+            mean = state.mean.float()
+            readout = torch.einsum("ebk,bkc->ebc", self._address_codes(codes, MemoryState(mean, state.cov)), mean)
+            return (codes - readout).pow(2).mean(-1)
+
     def _memory_kl(self, mean: torch.Tensor, cov: torch.Tensor) -> torch.Tensor:
         prior_mean = self.prior_mean.float()
         prior_log_variance = self.prior_log_variance.float().clamp(-10.0, 10.0)

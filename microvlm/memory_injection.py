@@ -5,23 +5,22 @@ from torch import nn
 
 
 class ScopeNet(nn.Module):
-    """Gate (B,) in [0, 1] from a pooled context (B, C): MLP C→h→h→1 with ReLU, dropout and a sigmoid.
+    """Gate (B,) in [0, 1] from a pooled context (B, C): MLP C→h(→h …)→1 with `num_layers` hidden layers of width
+    h, each followed by ReLU and dropout, and a sigmoid (2 layers: C→h→h→1; 1 layer: the seed's C→256→1).
 
     Trained (1) end to end through the soft gate on the memory's values in training, and (2) by BCE against
     `scope_labels` when a batch has them (1 for rows that need the memory, e.g. episodic-recall questions).
     """
 
-    def __init__(self, input_dim: int, hidden_size: int = 256, dropout: float = 0.1):
+    def __init__(self, input_dim: int, hidden_size: int = 256, dropout: float = 0.1, num_layers: int = 2):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(input_dim, hidden_size),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_size, hidden_size),
-            nn.ReLU(),
-            nn.Dropout(dropout),
-            nn.Linear(hidden_size, 1),
-        )
+        widths = [input_dim] + [hidden_size] * num_layers
+        hidden = [
+            module
+            for width_in, width_out in zip(widths[:-1], widths[1:])
+            for module in (nn.Linear(width_in, width_out), nn.ReLU(), nn.Dropout(dropout))
+        ]
+        self.net = nn.Sequential(*hidden, nn.Linear(hidden_size, 1))
 
     def forward(self, context: torch.Tensor) -> torch.Tensor:
         # The bias's dtype, not the weight's: an exported ternary layer keeps its weight packed as uint8.

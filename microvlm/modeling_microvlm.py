@@ -19,7 +19,7 @@ from transformers.loss.loss_utils import ForCausalLMLoss
 from transformers.modeling_outputs import ModelOutput
 
 from .alignment import MicroVLMAlignmentHead, equal_sequences, text_token_mask
-from .bitnet import convert_language_model_to_bitlinear
+from .bitnet import convert_language_model_to_bitlinear, master_state_dict
 from .configuration_microvlm import MicroVLMConfig
 from .episodic_memory import MemoryRead, MicroVLMEpisodicMemory
 from .larimar_memory import LarimarMemory, MemoryState
@@ -61,7 +61,8 @@ class MicroVLMCausalLMOutput(ModelOutput):
 
     Args:
         loss: lm_loss_weight·LM + alignment_loss_weight·InfoNCE + memory_kl_weight·memory KL
-            + addressing_kl_weight·addressing KL + scope_loss_weight·ScopeNet BCE (terms that apply).
+            + addressing_kl_weight·addressing KL + memory_step_loss_weight·step loss
+            + memory_reconstruction_weight·reconstruction + scope_loss_weight·ScopeNet BCE (terms that apply).
         logits: (batch, seq, vocab) next-token scores.
         past_key_values, hidden_states, attentions: the language model's.
         lm_loss: next-token cross-entropy over text tokens only (image placeholders and padding ignored).
@@ -73,6 +74,9 @@ class MicroVLMCausalLMOutput(ModelOutput):
         memory_kl, addressing_kl: Larimar's KL terms (see `LarimarMemory.read`), when the memory was read.
         memory_step_loss: cross-entropy that each recall question's key picks the step it asks about (see
             `MicroVLMEpisodicMemory.step_loss`), when the batch has episodes and `memory_target_step`.
+        memory_reconstruction_loss: Larimar's reconstruction term, how far each written episode step's code is
+            from what it reads back (see `LarimarMemory.reconstruction_error`), when the batch has episodes and
+            `config.memory_reconstruction_weight` is not 0.
         scope_gate: (batch,) ScopeNet's gate in [0, 1]; at inference rows below `scope_threshold` got no memory.
         scope_loss: BCE of `scope_gate` against the `scope_labels` given to `forward`.
     """
@@ -90,6 +94,7 @@ class MicroVLMCausalLMOutput(ModelOutput):
     memory_kl: torch.FloatTensor | None = None
     addressing_kl: torch.FloatTensor | None = None
     memory_step_loss: torch.FloatTensor | None = None
+    memory_reconstruction_loss: torch.FloatTensor | None = None
     scope_gate: torch.FloatTensor | None = None
     scope_loss: torch.FloatTensor | None = None
 
@@ -316,6 +321,8 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
             memory = self.memory.read(questions, memory_state)
             if steps is not None and memory_target_step is not None:
                 memory.step_loss = self.memory.step_loss(questions, steps, step_weights, memory_target_step)
+            if steps is not None and self.config.memory_reconstruction_weight:
+                memory.reconstruction_loss = self.memory.reconstruction_loss(steps, step_weights, memory_state)
             # A fresh cache per sequence: caches are mutated in place, so one must never be reused.
             past_key_values = MemoryCache(self.config.text_config, memory.key_values, memory.mask)
 
@@ -483,6 +490,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
                 loss = loss + self.config.addressing_kl_weight * memory.addressing_kl
                 if memory.step_loss is not None:
                     loss = loss + self.config.memory_step_loss_weight * memory.step_loss
+                if memory.reconstruction_loss is not None:
+                    loss = loss + self.config.memory_reconstruction_weight * memory.reconstruction_loss
         if memory is not None and scope_labels is not None:
             scope_loss = nn.functional.binary_cross_entropy(memory.gate.float(), scope_labels.float())
             loss = scope_loss * self.config.scope_loss_weight + (loss if loss is not None else 0.0)
@@ -501,6 +510,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             memory_kl=memory.memory_kl if memory is not None else None,
             addressing_kl=memory.addressing_kl if memory is not None else None,
             memory_step_loss=memory.step_loss if memory is not None else None,
+            memory_reconstruction_loss=memory.reconstruction_loss if memory is not None else None,
             scope_gate=memory.gate if memory is not None else None,
             scope_loss=scope_loss,
         )
@@ -665,23 +675,47 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         vision_model: str = "facebook/deit-tiny-patch16-224",
         language_model: str = "Qwen/Qwen2.5-0.5B",
         image_token_id: int | None = None,
+        preset: str | None = None,
         **config_overrides,
     ) -> "MicroVLMForCausalLM":
         """Build a MicroVLM whose vision tower and language model start from pretrained weights.
 
         `vision_model` and `language_model` are hub ids (needs internet) or local folders written by
-        `save_pretrained`. The adapter, alignment head and memory start from scratch. `image_token_id` defaults to
-        Qwen's `<|image_pad|>` (151655).
+        `save_pretrained`. The adapter, alignment head and memory start from scratch, sized by `preset`'s fields
+        (e.g. "microvlm-m"; its backbone configs are replaced by the checkpoints') and then `config_overrides`.
+        `image_token_id` defaults to the preset's, else Qwen's `<|image_pad|>` (151655).
+
+        A packed BitNet b1.58 checkpoint (`quantization_config.quant_method == "bitnet"`, e.g.
+        "microsoft/bitnet-b1.58-2B-4T") loads through transformers' BitNet quantizer; its ternary weights become
+        latent weights of MicroVLM's own `BitLinear` layers (`lm_use_bitnet=True`) that compute exactly what the
+        packed layers compute (see `bitnet.latent_from_packed`). Train from the bf16 master weights
+        ("microsoft/bitnet-b1.58-2B-4T-bf16"): the packed ones put every weight on the ternary grid.
         """
-        config_overrides.setdefault("vision_tower_kwargs", {})
-        vision = AutoModel.from_pretrained(vision_model, **config_overrides["vision_tower_kwargs"])
-        language = AutoModelForCausalLM.from_pretrained(language_model)
+        settings = {}
+        if preset is not None:
+            settings = MicroVLMConfig.read_preset(preset)
+            for name in ("processor", "vision_config", "text_config"):
+                settings.pop(name)
+        settings.update(config_overrides)
+        settings.setdefault("vision_tower_kwargs", {})
         if image_token_id is not None:
-            config_overrides["image_token_id"] = image_token_id
-        config = MicroVLMConfig(vision_config=vision.config, text_config=language.config, **config_overrides)
+            settings["image_token_id"] = image_token_id
+        vision = AutoModel.from_pretrained(vision_model, **settings["vision_tower_kwargs"])
+        language = AutoModelForCausalLM.from_pretrained(language_model)
+        text_config, language_state = language.config, language.base_model.state_dict()
+        quantization = getattr(text_config, "quantization_config", None) or {}
+        if not isinstance(quantization, dict):
+            quantization = quantization.to_dict()
+        if quantization.get("quant_method") == "bitnet":
+            language_state = master_state_dict(language.base_model)
+            text_config = type(text_config)(
+                **{k: v for k, v in text_config.to_dict().items() if k != "quantization_config"}
+            )
+            settings["lm_use_bitnet"] = True
+        config = MicroVLMConfig(vision_config=vision.config, text_config=text_config, **settings)
         model = cls(config)
         model.model.vision_tower.load_state_dict(vision.state_dict())
-        model.model.language_model.load_state_dict(language.base_model.state_dict())
+        model.model.language_model.load_state_dict(language_state)
         model.lm_head.load_state_dict(language.get_output_embeddings().state_dict())
         return model
 

@@ -7,7 +7,8 @@ from .configuration_microvlm import MicroVLMConfig
 
 
 class MicroVLMVisionAdapter(nn.Module):
-    """Linear(vision→hidden) → MLP(hidden→ratio·hidden→hidden, GELU) [→ + learned per-patch positions, with
+    """Linear(vision→hidden) → MLP(hidden→m→hidden, GELU, dropout on its output; m = `config.adapter_hidden_size`)
+    [→ + learned per-patch positions, with
     `config.adapter_patch_positions`] → cross-attention pooling with k learned queries → learned positions →
     LayerNorm.
 
@@ -19,10 +20,10 @@ class MicroVLMVisionAdapter(nn.Module):
         super().__init__()
         hidden = config.text_config.hidden_size
         self.input_proj = nn.Linear(config.vision_hidden_size, hidden)
+        width = config.adapter_hidden_size
+        # Dropout last, so that the Linear layers keep their names (mlp.0, mlp.2) whatever the config.
         self.mlp = nn.Sequential(
-            nn.Linear(hidden, config.adapter_mlp_ratio * hidden),
-            nn.GELU(),
-            nn.Linear(config.adapter_mlp_ratio * hidden, hidden),
+            nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden), nn.Dropout(config.adapter_dropout)
         )
         self.queries = nn.Parameter(torch.empty(config.num_image_tokens, hidden))
         # Keys (and values) of convolutional towers know no absolute position: give them one per patch.

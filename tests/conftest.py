@@ -22,6 +22,13 @@ def tiny_model(tiny_config: MicroVLMConfig) -> MicroVLMForCausalLM:
     return MicroVLMForCausalLM(tiny_config).eval()
 
 
+@pytest.fixture(params=["tiny", "tiny-m"])
+def family_model(request) -> MicroVLMForCausalLM:
+    """The small preset of each family, seed 0, eval mode: "tiny" (Qwen2-style LM), "tiny-m" (BitNet b1.58 LM)."""
+    torch.manual_seed(0)
+    return MicroVLMForCausalLM(MicroVLMConfig.from_preset(request.param)).eval()
+
+
 def make_inputs(config: MicroVLMConfig, text_lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
     """A left-padded batch: row i = k image placeholders + `text_lengths[i]` random text tokens, one image each."""
     generator = torch.Generator().manual_seed(seed)

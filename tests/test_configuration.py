@@ -1,7 +1,8 @@
 import pytest
-from transformers import AutoConfig, DeiTConfig, Qwen2Config
+import torch
+from transformers import AutoConfig, BitNetConfig, DeiTConfig, Qwen2Config
 
-from microvlm import MicroVLMConfig
+from microvlm import MicroVLMConfig, MicroVLMForCausalLM
 
 
 def test_presets_have_the_reference_dimensions():
@@ -19,6 +20,40 @@ def test_presets_have_the_reference_dimensions():
     assert text.hidden_size // text.num_attention_heads == 64 and text.vocab_size == 151936
     assert config.tie_word_embeddings and config.image_token_id == 151655
     assert "tiny" in MicroVLMConfig.preset_names()
+
+
+def test_microvlm_m_is_transformers_bitnet_default_shape_with_the_seeds_switches():
+    config = MicroVLMConfig.from_preset("microvlm-m")
+    assert isinstance(config.text_config, BitNetConfig)
+    defaults = BitNetConfig()
+    for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size"):
+        assert getattr(config.text_config, name) == getattr(defaults, name), name
+    assert config.text_config.rope_parameters["rope_theta"] == 500000.0 and config.text_config.hidden_act == "relu2"
+    assert config.vision_config == MicroVLMConfig.from_preset("microvlm-v").vision_config  # DeiT-Tiny, inherited
+    assert (config.memory_num_slots, config.scope_hidden_size, config.scope_num_layers) == (128, 256, 1)
+    assert (config.alignment_dim, config.alignment_temperature, config.adapter_hidden_size) == (512, 0.07, 512)
+    assert (config.alignment_loss_weight, config.memory_reconstruction_weight, config.scope_loss_weight) == (
+        0.5,
+        0.1,
+        0.01,
+    )
+    tiny_m = MicroVLMConfig.from_preset("tiny-m").text_config
+    assert tiny_m.num_attention_heads == 4 * tiny_m.num_key_value_heads  # GQA 4:1 like the 2B-4T LM
+    assert {"tiny", "tiny-m", "microvlm-v", "microvlm-m"} <= set(MicroVLMConfig.preset_names())
+
+
+@pytest.mark.parametrize("preset", ["tiny", "microvlm-v"])
+def test_the_new_fields_default_to_the_layout_the_presets_had(preset):
+    with torch.device("meta"):
+        state = MicroVLMForCausalLM(MicroVLMConfig.from_preset(preset, use_memory=True)).state_dict()
+    config = MicroVLMConfig.from_preset(preset)
+    hidden = config.text_config.hidden_size
+    assert state["model.adapter.mlp.0.weight"].shape == (2 * hidden, hidden)  # ratio 2, names mlp.0 / mlp.2
+    assert state["model.adapter.mlp.2.weight"].shape == (hidden, 2 * hidden)
+    assert state["model.alignment.proj.weight"].shape == (hidden, config.alignment_input_size)
+    assert not any(name.startswith("model.alignment.text_proj") for name in state)
+    scope = sorted(name for name in state if name.startswith("model.memory.scope_net.") and name.endswith("weight"))
+    assert scope == [f"model.memory.scope_net.net.{index}.weight" for index in (0, 3, 6)]  # C→h→h→1
 
 
 @pytest.mark.parametrize(
@@ -61,6 +96,8 @@ def test_save_load_round_trip_through_auto_config(tmp_path):
         ({"alignment_image_source": "pooled"}, "alignment_image_source"),
         ({"min_prefix_tokens": 9, "max_prefix_tokens": 4}, "min_prefix_tokens"),
         ({"vision_config": 3}, "vision_config"),
+        ({"adapter_dropout": 1.0}, "adapter_dropout"),
+        ({"scope_num_layers": 0}, "scope_num_layers"),
     ],
 )
 def test_bad_settings_fail_with_a_message_naming_the_field(kwargs, message):

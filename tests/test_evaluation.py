@@ -98,3 +98,19 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
     )
     (tmp_path / "elsewhere").mkdir()
     run_isolated("import sys\nsys.modules['microvlm'] = None\n" + quick_start, cwd=tmp_path / "elsewhere")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-m"])
+def test_scope_decision_accuracy_is_reported_for_every_family(preset):
+    from microvlm.data.synthetic_shapes import build_synthetic_dataset
+    from microvlm.eval.cli import EvalArguments, EvalContext, scope_decisions
+
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(preset)).eval()
+    rows = list(build_synthetic_dataset(num_train=0, num_validation=0, num_test=24, seed=1)["test"])
+    context = EvalContext(model, MicroVLMProcessor.from_preset(preset), EvalArguments(model_dir="", batch_size=8))
+    scope = scope_decisions(context, rows)
+    recall = sum(row["kind"] == "recall" for row in rows)
+    assert 0 < recall < len(rows)
+    right = scope["recall rows on"] * recall + scope["caption/qa rows off"] * (len(rows) - recall)
+    assert scope["accuracy"] == pytest.approx(right / len(rows))

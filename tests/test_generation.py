@@ -35,11 +35,11 @@ def generate_greedy(model, inputs, steps):
 
 
 @torch.no_grad()
-def test_greedy_generate_equals_a_no_cache_argmax_loop(tiny_model, tiny_config):
-    inputs = make_inputs(tiny_config, [6, 3])
-    generated = generate_greedy(tiny_model, inputs, 8)
+def test_greedy_generate_equals_a_no_cache_argmax_loop(family_model):
+    inputs = make_inputs(family_model.config, [6, 3])
+    generated = generate_greedy(family_model, inputs, 8)
     reference = greedy_without_cache(
-        tiny_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 8
+        family_model, inputs["input_ids"], inputs["attention_mask"], inputs["pixel_values"], 8
     )
     assert torch.equal(generated, reference)
 

@@ -53,6 +53,18 @@ def test_written_codes_are_read_back_and_degrade_gracefully_past_capacity():
     assert errors[8] <= errors[64] <= errors[128] <= 1.0, errors
 
 
+def test_reconstruction_error_is_the_mean_squared_gap_of_a_written_code_to_its_mean_read():
+    memory = make_memory(num_slots=32, code_dim=64, noise=0.01)
+    torch.manual_seed(3)
+    written, other = torch.randn(4, 2, 64), torch.randn(4, 2, 64)
+    state = memory.write(written, memory.prior(2))
+    error = memory.reconstruction_error(written, state)
+    readout, _ = memory.read(written, state)  # eval mode: the deterministic mean read
+    assert error.shape == (4, 2)
+    torch.testing.assert_close(error, (codes_of(memory, written) - readout).pow(2).mean(-1))
+    assert float(error.max()) < 0.05 * float(memory.reconstruction_error(other, state).min())
+
+
 def test_sequential_writes_equal_the_closed_form_bayesian_regression_posterior():
     memory = make_memory(num_slots=16, code_dim=24, noise=0.3)
     torch.manual_seed(2)

@@ -13,13 +13,23 @@ from .test_generation import greedy_without_cache
 pytestmark = pytest.mark.min_version
 
 
-@pytest.fixture
-def memory_model() -> MicroVLMForCausalLM:
+def build_memory_model(preset: str) -> MicroVLMForCausalLM:
     torch.manual_seed(0)
-    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny", use_memory=True, scope_threshold=0.0)).eval()
+    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(preset, use_memory=True, scope_threshold=0.0)).eval()
     with torch.no_grad():  # a memory whose effect on the logits is large enough to see
         model.model.memory.projection.proj.weight.mul_(20)
     return model
+
+
+@pytest.fixture
+def memory_model() -> MicroVLMForCausalLM:
+    return build_memory_model("tiny")
+
+
+@pytest.fixture(params=["tiny", "tiny-m"])
+def family_memory_model(request) -> MicroVLMForCausalLM:
+    """`memory_model` for the small preset of each family (Qwen2-style LM, BitNet b1.58 LM)."""
+    return build_memory_model(request.param)
 
 
 def memory_kv_shapes(model, inputs) -> list[tuple[int, ...]]:
@@ -28,7 +38,8 @@ def memory_kv_shapes(model, inputs) -> list[tuple[int, ...]]:
     return [tuple(key.shape) for key, _ in read.key_values] + [tuple(value.shape) for _, value in read.key_values]
 
 
-def test_memory_key_values_have_the_language_models_gqa_cache_shape(memory_model):
+def test_memory_key_values_have_the_language_models_gqa_cache_shape(family_memory_model):
+    memory_model = family_memory_model
     config = memory_model.config
     inputs = make_inputs(config, [4, 6])
     text = config.text_config
@@ -46,16 +57,28 @@ def test_memory_key_values_have_the_language_models_gqa_cache_shape(memory_model
     assert isinstance(cache, MemoryCache)
     assert len(cache.layers) == text.num_hidden_layers
     assert cache.get_seq_length() == config.memory_tokens_per_read + inputs["input_ids"].shape[1]
+    # The LM's own cache without memory (BitNet's, Qwen2's) has the same layout: (batch, KV heads, tokens, dim).
+    with torch.no_grad():
+        own = memory_model(**inputs, use_cache=True, use_memory=False).past_key_values
+    assert not isinstance(own, MemoryCache)
+    for layer, own_layer in zip(cache.layers, own.layers):
+        assert layer.keys.shape[:2] + layer.keys.shape[3:] == own_layer.keys.shape[:2] + own_layer.keys.shape[3:]
+        assert layer.values.shape[2] == own_layer.values.shape[2] + config.memory_tokens_per_read
 
 
 @torch.no_grad()
-def test_reference_preset_memory_is_shaped_for_two_kv_heads_of_64():
-    config = MicroVLMConfig.from_preset("microvlm-v")
+@pytest.mark.parametrize(
+    ("preset", "layers", "kv_heads", "head_dim", "hidden"),
+    [("microvlm-v", 24, 2, 64, 896), ("microvlm-m", 30, 5, 128, 2560)],
+)
+def test_reference_preset_memory_is_shaped_for_the_lms_kv_heads(preset, layers, kv_heads, head_dim, hidden):
+    config = MicroVLMConfig.from_preset(preset)
     with torch.device("meta"):
         model = MicroVLMForCausalLM(config)
-        key_values = model.model.memory.projection(torch.zeros(3, 1, config.memory_key_dim + 2 * 896))
-    assert len(key_values) == 24
-    assert all(key.shape == (3, 2, 1, 64) and value.shape == (3, 2, 1, 64) for key, value in key_values)
+        key_values = model.model.memory.projection(torch.zeros(3, 1, config.memory_key_dim + 2 * hidden))
+    assert len(key_values) == layers
+    expected = (3, kv_heads, 1, head_dim)
+    assert all(key.shape == expected and value.shape == expected for key, value in key_values)
 
 
 @torch.no_grad()
@@ -85,7 +108,8 @@ def test_a_gated_off_row_gets_exactly_the_logits_without_memory(memory_model):
 
 
 @torch.no_grad()
-def test_generation_with_memory_equals_a_no_cache_loop_with_the_same_memory(memory_model):
+def test_generation_with_memory_equals_a_no_cache_loop_with_the_same_memory(family_memory_model):
+    memory_model = family_memory_model
     inputs = make_inputs(memory_model.config, [6, 3])
     generated = memory_model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False, use_memory=True)
     reference = greedy_without_cache(
@@ -372,3 +396,18 @@ def test_the_memory_encoder_standardises_over_the_batch_and_takes_a_single_row_i
     # A single row has no batch statistics: it uses the running ones, as in eval mode.
     single = encoder(embeds[:1], text[:1], image[:1])
     torch.testing.assert_close(single, encoder.eval()(embeds[:1], text[:1], image[:1]))
+
+
+@pytest.mark.parametrize("weight", [0.0, 0.1])
+def test_the_memory_reconstruction_term_is_returned_and_weighted_into_the_loss(weight):
+    torch.manual_seed(14)
+    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny-m", memory_reconstruction_weight=weight)).eval()
+    inputs = make_inputs(model.config, [5, 5], seed=15)
+    episode = {k: v.expand(2, *v.shape[1:]) for k, v in episode_of(model.config, 3, seed=16).items()}
+    out = model(**inputs, labels=inputs["input_ids"], **episode)
+    if not weight:  # skipped, not computed: presets without the term keep their loss and random stream
+        assert out.memory_reconstruction_loss is None
+        return
+    assert out.memory_reconstruction_loss is not None and out.memory_reconstruction_loss >= 0
+    rest = out.lm_loss + 0.5 * out.alignment_loss + 0.02 * out.memory_kl + 0.005 * out.addressing_kl
+    torch.testing.assert_close(out.loss, rest + weight * out.memory_reconstruction_loss)

@@ -1,10 +1,23 @@
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import AutoModel, DeiTConfig, DeiTForImageClassification, Qwen2Config, Qwen2ForCausalLM
+from safetensors.torch import save_file
+from transformers import (
+    AutoModel,
+    BitNetConfig,
+    BitNetForCausalLM,
+    DeiTConfig,
+    DeiTForImageClassification,
+    DeiTModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
 from microvlm.alignment import equal_sequences, info_nce
+from microvlm.bitnet import BitLinear, pack_ternary, ternary_weight
 from microvlm.vision_adapter import MicroVLMVisionAdapter
 
 from .conftest import make_inputs
@@ -270,3 +283,60 @@ def test_adapter_patch_positions_are_added_to_the_keys_and_trained(tiny_config):
     assert not torch.allclose(shuffled, prefix)  # now the prefix depends on where each patch is
     prefix.square().sum().backward()
     assert adapter.patch_position_embeddings.grad.abs().sum() > 0
+
+
+def save_tiny_bitnet_backbones(folder: Path, packed: bool) -> tuple[Path, Path, BitNetForCausalLM]:
+    """A tiny DeiT (64 px, 8 px patches: the tiny presets' 64 patches) and a tiny BitNet LM saved like their Hub
+    checkpoints: the LM in master form, or (`packed`) as transformers' BitNet quantizer stores it (uint8 weights of
+    2-bit codes + `weight_scale`, `quantization_config.quant_method == "bitnet"`)."""
+    torch.manual_seed(5)
+    vision = DeiTModel(
+        DeiTConfig(
+            image_size=64,
+            patch_size=8,
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=64,
+        ),
+        add_pooling_layer=False,
+    )
+    text = MicroVLMConfig.from_preset("tiny-m").text_config
+    language = BitNetForCausalLM(BitNetConfig(**{k: v for k, v in text.to_dict().items() if k != "layer_types"}))
+    vision.save_pretrained(folder / "vision")
+    language.save_pretrained(folder / "language")
+    if packed:
+        state = {}
+        for name, tensor in language.state_dict().items():
+            if name.endswith("_proj.weight"):
+                state[name], state[name.replace(".weight", ".weight_scale")] = pack_ternary(tensor)
+            else:
+                state[name] = tensor
+        state.pop("lm_head.weight")  # tied: transformers saves the embedding only
+        save_file(
+            {name: tensor.contiguous() for name, tensor in state.items()}, folder / "language" / "model.safetensors"
+        )
+        language.config.quantization_config = {"quant_method": "bitnet", "linear_class": "bitlinear"}
+        language.config.save_pretrained(folder / "language")
+    return folder / "vision", folder / "language", language
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["master-weights", "packed-ternary"])
+def test_from_pretrained_backbones_builds_microvlm_m_from_local_deit_and_bitnet_folders(tmp_path, packed):
+    vision_folder, language_folder, language = save_tiny_bitnet_backbones(tmp_path, packed)
+    model = MicroVLMForCausalLM.from_pretrained_backbones(
+        vision_folder, language_folder, preset="tiny-m", vision_cls_token=True, vision_tower_kwargs={}
+    )
+    assert model.config.adapter_mlp_hidden_size == 64 and model.config.lm_use_bitnet
+    assert model.config.text_config.model_type == "bitnet"
+    assert "quantization_config" not in model.config.text_config.to_dict()
+    ours = model.model.language_model.layers[0].self_attn.k_proj
+    assert isinstance(ours, BitLinear)
+    values, inverse_scale = ternary_weight(language.model.layers[0].self_attn.k_proj.weight)
+    # Master weights load as they are; packed ones as latents that requantise to exactly the packed W_q.
+    if not packed:
+        torch.testing.assert_close(ours.weight, language.model.layers[0].self_attn.k_proj.weight)
+    torch.testing.assert_close(ours.quantised_weight(), values / inverse_scale)
+    torch.testing.assert_close(model.get_input_embeddings().weight, language.get_input_embeddings().weight)
+    inputs = make_inputs(model.config, [4])
+    assert model.eval()(**inputs, labels=inputs["input_ids"]).loss.isfinite()

@@ -80,11 +80,12 @@ def test_in_process_round_trip_keeps_logits_and_ties(tiny_model, tiny_config, tm
 
 
 @torch.no_grad()
-def test_remote_code_round_trip_in_a_fresh_offline_process(tiny_model, tiny_config, tmp_path):
+def test_remote_code_round_trip_in_a_fresh_offline_process(family_model, tmp_path):
+    tiny_model = family_model
     folder, elsewhere = tmp_path / "saved", tmp_path / "elsewhere"
     elsewhere.mkdir()
     tiny_model.save_pretrained(folder)
-    inputs = make_inputs(tiny_config, [5, 2])
+    inputs = make_inputs(tiny_model.config, [5, 2])
     torch.save(inputs, tmp_path / "inputs.pt")
     run_isolated(LOADER, str(folder), str(tmp_path / "inputs.pt"), str(tmp_path / "result.pt"), cwd=elsewhere)
     result = torch.load(tmp_path / "result.pt")

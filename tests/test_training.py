@@ -245,3 +245,30 @@ def test_4bit_falls_back_to_full_precision_with_one_warning_on_unsupported_devic
     config = nf4_quantization_config("cpu")
     assert config.bnb_4bit_quant_type == "nf4" and config.bnb_4bit_use_double_quant
     assert config.bnb_4bit_compute_dtype == torch.float32
+
+
+def test_tiny_m_trains_one_step_per_stage_through_the_command_line(tmp_path):
+    command = [sys.executable, "-m", "microvlm.train", "--preset", "tiny-m", "--stage", "both", "--recipe", "test"]
+    options = ["--max_steps", "1", "--logging_steps", "1", "--trainable_vision_layers", "1"]  # after SMALL: they win
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    done = subprocess.run(
+        [*command, *SMALL, *options, "--output_dir", str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    first, second = (next(e for e in logged(tmp_path / stage) if "lm_loss" in e) for stage in ("stage1", "stage2"))
+    assert "alignment_loss" in first and first["grad_norm/vision"] > 0  # the last ResNet stage trains
+    assert second["memory_reconstruction_loss"] >= 0 and "scope_loss" in second
+    assert MicroVLMForCausalLM.from_pretrained(tmp_path / "stage2").config.text_config.model_type == "bitnet"
+
+
+def test_microvlm_m_recipe_freezes_the_first_8_deit_blocks_and_all_but_the_last_4_lm_layers():
+    with torch.device("meta"):
+        model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("microvlm-m"))
+    recipe = read_config("microvlm-m")["all"]
+    freeze_for_stage(
+        model, read_config("stage1")["train_groups"], recipe["trainable_lm_layers"], recipe["trainable_vision_layers"]
+    )
+    trained = [any(p.requires_grad for p in block.parameters()) for block in model.model.vision_tower.layers]
+    assert trained == [False] * 8 + [True] * 4
+    trained = [any(p.requires_grad for p in layer.parameters()) for layer in model.model.language_model.layers]
+    assert trained == [False] * 26 + [True] * 4

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from ..configuration_microvlm import MicroVLMConfig
@@ -35,11 +36,18 @@ logger = logging.getLogger("microvlm.train")
 
 CONFIGS_DIR = Path(__file__).parent.parent / "configs"
 STAGES = ("stage1", "stage2", "quantized")
+DEFAULT_PRESET = "tiny"
 
 
 @dataclass
 class ModelArguments:
-    preset: str = field(default="tiny", metadata={"help": "MicroVLM preset to build when not starting from a folder"})
+    preset: str | None = field(
+        default=None,
+        metadata={
+            "help": "MicroVLM preset (MicroVLMConfig.preset_names()) to build when not starting from a folder "
+            "(default: tiny); with --vision_model/--language_model, the preset that sizes the parts around them"
+        },
+    )
     init_from: str | None = field(default=None, metadata={"help": "a saved MicroVLM folder to start from"})
     vision_model: str | None = field(default=None, metadata={"help": "pretrained vision tower (hub id or folder)"})
     language_model: str | None = field(default=None, metadata={"help": "pretrained LM (hub id or folder)"})
@@ -49,6 +57,9 @@ class ModelArguments:
         metadata={"help": "module groups to train: vision, adapter, alignment, memory, scope_net, language"},
     )
     trainable_lm_layers: int = field(default=0, metadata={"help": "also train the last N decoder layers of the LM"})
+    trainable_vision_layers: int = field(
+        default=0, metadata={"help": "also train the last N blocks of the vision tower (DeiT: 4 of 12)"}
+    )
     load_in_4bit: bool = field(default=False, metadata={"help": "NF4 4-bit frozen vision tower and LM (bitsandbytes)"})
     lora_rank: int = field(default=0, metadata={"help": "QLoRA on the LM's seven projections with this rank (0: off)"})
     lm_use_bitnet: bool = field(default=False, metadata={"help": "BitNet b1.58 QAT of the LM's seven projections"})
@@ -129,14 +140,41 @@ def parse(argv: list[str], stage: str, recipe: str | None):
     return parser.parse_args_into_dataclasses(args=argv)
 
 
-def freeze_for_stage(model: MicroVLMForCausalLM, groups: list[str], trainable_lm_layers: int) -> dict[str, int]:
-    """Train only the named groups (plus the last `trainable_lm_layers` LM layers); returns trainable counts."""
+VISION_BLOCK_LISTS = (
+    "layers",
+    "encoder.layer",
+    "encoder.stages",
+)  # ViT/DeiT (transformers 5; 4: encoder.layer), ResNet
+
+
+def vision_blocks(tower: nn.Module) -> nn.ModuleList:
+    """The vision tower's sequence of blocks (DeiT-Tiny: its 12 encoder layers; ResNet: its stages)."""
+    for path in VISION_BLOCK_LISTS:
+        try:
+            blocks = tower.get_submodule(path)
+        except AttributeError:
+            continue
+        if isinstance(blocks, nn.ModuleList):
+            return blocks
+    raise ValueError(
+        f"trainable_vision_layers: {type(tower).__name__} has no block list at {VISION_BLOCK_LISTS}. Train the whole "
+        "tower with --train_groups vision ..., or set --trainable_vision_layers 0."
+    )
+
+
+def freeze_for_stage(
+    model: MicroVLMForCausalLM, groups: list[str], trainable_lm_layers: int, trainable_vision_layers: int = 0
+) -> dict[str, int]:
+    """Train only the named groups, plus the last `trainable_lm_layers` LM layers and the last
+    `trainable_vision_layers` vision blocks; returns trainable parameter counts by group."""
     model.requires_grad_(False)
     for name, param in model.named_parameters():
         if group_of(name) in groups and param.is_floating_point():  # 4-bit weights are frozen by nature
             param.requires_grad_(True)
     if trainable_lm_layers:
         model.model.language_model.layers[-trainable_lm_layers:].requires_grad_(True)
+    if trainable_vision_layers:
+        vision_blocks(model.model.vision_tower)[-trainable_vision_layers:].requires_grad_(True)
     # The temperature stays fixed unless the config says it is learnable, whatever the groups say.
     model.model.alignment.log_logit_scale.requires_grad_(model.config.alignment_learnable_temperature)
     counts: dict[str, int] = {}
@@ -155,9 +193,11 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments) ->
     source = model_args.init_from
     if source is None:
         if model_args.vision_model and model_args.language_model:
-            model = MicroVLMForCausalLM.from_pretrained_backbones(model_args.vision_model, model_args.language_model)
+            model = MicroVLMForCausalLM.from_pretrained_backbones(
+                model_args.vision_model, model_args.language_model, preset=model_args.preset
+            )
         else:
-            model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(model_args.preset))
+            model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(model_args.preset or DEFAULT_PRESET))
         if not model_args.load_in_4bit:
             model.config.use_memory = model_args.use_memory
             return model
@@ -172,7 +212,7 @@ def build_model(model_args: ModelArguments, training_args: TrainingArguments) ->
 def build_processor(model_args: ModelArguments) -> MicroVLMProcessor:
     if model_args.init_from:
         return MicroVLMProcessor.from_pretrained(model_args.init_from)
-    return MicroVLMProcessor.from_preset(model_args.preset)
+    return MicroVLMProcessor.from_preset(model_args.preset or DEFAULT_PRESET)
 
 
 def build_datasets(data_args: DataArguments, config: MicroVLMConfig, seed: int):
@@ -213,7 +253,7 @@ def build_trainer(
     model.enable_bitnet(model_args.lm_use_bitnet, model_args.memory_use_bitnet)
     processor = build_processor(model_args)
     groups = model_args.train_groups
-    counts = freeze_for_stage(model, groups, model_args.trainable_lm_layers)
+    counts = freeze_for_stage(model, groups, model_args.trainable_lm_layers, model_args.trainable_vision_layers)
     if model_args.lora_rank:
         model = add_qlora(model, rank=model_args.lora_rank, trainable_modules=[g for g in groups if g != "language"])
     logger.info("%s: trainable parameters by group %s", stage, counts)

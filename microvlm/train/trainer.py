@@ -15,14 +15,15 @@ LOGGED_TERMS = (
     "memory_kl",
     "addressing_kl",
     "memory_step_loss",
+    "memory_reconstruction_loss",
     "scope_loss",
     "scope_gate",
 )
 
 
 class MicroVLMTrainer(Trainer):
-    """loss = LM + α·InfoNCE + β·memory KL + γ·addressing KL (+ memory step loss, ScopeNet BCE), weights from the
-    model config.
+    """loss = LM + α·InfoNCE + β·memory KL + γ·addressing KL (+ memory step loss, memory reconstruction, ScopeNet
+    BCE), weights from the model config.
 
     Each term (and ScopeNet's mean gate) is accumulated at every step and logged as its mean at each logging
     step, beside the Trainer's own `loss`; evaluation logs the same terms with the `eval_` prefix.

@@ -1,0 +1,61 @@
+"""Parameter counts per component of MicroVLM presets, built on the meta device (nothing is allocated), and the
+share that trains in each stage under the preset's recipe (`configs/<preset>.json` when there is one, else the
+plain stage configs).
+
+    python benchmarks/parameter_counts.py microvlm-m microvlm-v
+
+Tied weights count once (an LM head tied to the embedding adds nothing).
+"""
+
+import argparse
+
+import torch
+
+from microvlm import MicroVLMConfig, MicroVLMForCausalLM
+from microvlm.export.size_report import COMPONENTS, component
+from microvlm.train.cli import CONFIGS_DIR, freeze_for_stage, stage_defaults
+
+
+def component_counts(model: torch.nn.Module) -> dict[str, int]:
+    """Parameters per component of `size_report.COMPONENTS` (the export's size report uses the same split)."""
+    counts = {label: 0 for label, _ in COMPONENTS}
+    for name, param in model.named_parameters():
+        counts[component(name)] += param.numel()
+    return counts
+
+
+def trainable_share(preset: str, stage: str) -> tuple[int, int]:
+    """(trainable, total) parameters of a fresh meta-device model of `preset` frozen as `stage` says."""
+    recipe = preset if (CONFIGS_DIR / f"{preset}.json").is_file() else None
+    values = stage_defaults(stage, recipe)
+    with torch.device("meta"):
+        model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(preset, use_memory=True))
+    counts = freeze_for_stage(
+        model, values["train_groups"], values["trainable_lm_layers"], values.get("trainable_vision_layers", 0)
+    )
+    return sum(counts.values()), sum(p.numel() for p in model.parameters())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("presets", nargs="*", default=["microvlm-m", "microvlm-v"])
+    args = parser.parse_args()
+    columns = {}
+    for preset in args.presets:
+        with torch.device("meta"):
+            columns[preset] = component_counts(
+                MicroVLMForCausalLM(MicroVLMConfig.from_preset(preset, use_memory=True))
+            )
+    print("| component | " + " | ".join(args.presets) + " |")
+    print("|---|" + "---|" * len(args.presets))
+    for label, _ in COMPONENTS:
+        print(f"| {label} | " + " | ".join(f"{columns[p][label] / 1e6:.2f}M" for p in args.presets) + " |")
+    print("| **total** | " + " | ".join(f"**{sum(columns[p].values()) / 1e6:.1f}M**" for p in args.presets) + " |")
+    for stage in ("stage1", "stage2"):
+        shares = [trainable_share(preset, stage) for preset in args.presets]
+        cells = [f"{trained / 1e6:.1f}M ({100 * trained / total:.1f}%)" for trained, total in shares]
+        print(f"| trainable in {stage} | " + " | ".join(cells) + " |")
+
+
+if __name__ == "__main__":
+    main()
