@@ -16,7 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MAP = {
     "AutoConfig": "configuration_microvlm.MicroVLMConfig",
-    "AutoModel": "modeling_microvlm.MicroVLMForCausalLM",
+    "AutoModel": "modeling_microvlm.MicroVLMModel",
     "AutoModelForCausalLM": "modeling_microvlm.MicroVLMForCausalLM",
     "AutoModelForImageTextToText": "modeling_microvlm.MicroVLMForCausalLM",
 }
@@ -89,10 +89,26 @@ class MicroVLMConfig(PretrainedConfig):
         weight_formats (`dict`, *optional*): the packed form of an exported model (see `packed_weights.py`),
             written by `python -m microvlm.export`; `None` for a model in training form.
         scope_hidden_size (`int`), scope_threshold (`float`): ScopeNet gate width and inference threshold.
-        scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_labels`, when a batch carries them.
+        scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_targets`, when a batch carries them.
     """
 
     model_type = "microvlm"
+    # The Trainer's predictions are the logits alone: `compute_metrics` gets them, not every output term.
+    keys_to_ignore_at_inference = [
+        "past_key_values",
+        "hidden_states",
+        "attentions",
+        "lm_loss",
+        "alignment_loss",
+        "alignment_logits",
+        "image_prefix",
+        "image_attention",
+        "memory_kl",
+        "addressing_kl",
+        "memory_step_loss",
+        "scope_gate",
+        "scope_loss",
+    ]
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     def __init__(

@@ -8,7 +8,7 @@ class ScopeNet(nn.Module):
     """Gate (B,) in [0, 1] from a pooled context (B, C): MLP C→h→h→1 with ReLU, dropout and a sigmoid.
 
     Trained (1) end to end through the soft gate on the memory's values in training, and (2) by BCE against
-    `scope_labels` when a batch has them (1 for rows that need the memory, e.g. episodic-recall questions).
+    `scope_targets` when a batch has them (1 for rows that need the memory, e.g. episodic-recall questions).
     """
 
     def __init__(self, input_dim: int, hidden_size: int = 256, dropout: float = 0.1):

@@ -121,7 +121,7 @@ def test_collator_labels_targets_only_and_gives_episodes_to_recall_rows_only(sha
             assert not batch["episode_pixel_values"][row].any()
     assert batch["pixel_values"].shape[0] == sum(s["kind"] != "recall" for s in samples)
     assert batch["episode_pixel_values"].shape[:2] == batch["episode_input_ids"].shape[:2]
-    assert torch.equal(batch["scope_labels"], torch.tensor([float(s["kind"] == "recall") for s in samples]))
+    assert torch.equal(batch["scope_targets"], torch.tensor([float(s["kind"] == "recall") for s in samples]))
     without_recall = collator([s for s in samples if s["kind"] != "recall"])
     assert "episode_input_ids" not in without_recall and "memory_target_step" not in without_recall
 

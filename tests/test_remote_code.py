@@ -30,7 +30,9 @@ LOADER = textwrap.dedent(
     inputs = torch.load(inputs_file)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     result = {"config_class": type(config).__name__}
-    for auto in (AutoModelForCausalLM, AutoModel, AutoModelForImageTextToText):
+    body = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()  # the body, as LLaVA maps it
+    result["AutoModel"] = (type(body).__name__, body(**inputs).last_hidden_state.detach())
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         model = auto.from_pretrained(folder, trust_remote_code=True).eval()
         with torch.no_grad():
             result[auto.__name__] = model(**inputs).logits
@@ -90,8 +92,10 @@ def test_remote_code_round_trip_in_a_fresh_offline_process(tiny_model, tiny_conf
     result = torch.load(tmp_path / "result.pt")
     assert result["config_class"] == "MicroVLMConfig" and "transformers_modules" in result["module"]
     expected = tiny_model(**inputs).logits
-    for auto in ("AutoModelForCausalLM", "AutoModel", "AutoModelForImageTextToText"):
+    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText"):
         assert torch.equal(result[auto], expected), auto
+    assert result["AutoModel"][0] == "MicroVLMModel"
+    assert torch.equal(result["AutoModel"][1], tiny_model.model(**inputs).last_hidden_state)
     assert torch.equal(
         result["generated"], tiny_model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     )

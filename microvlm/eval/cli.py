@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
+from transformers.utils.logging import is_progress_bar_enabled
 
 from ..alignment import text_token_mask
 from ..data.collator import MicroVLMCollator
@@ -239,7 +240,10 @@ def scored_keys(section: str) -> list[str]:
 
 
 def batches(rows: list[dict], size: int, description: str):
-    for start in tqdm(range(0, len(rows), size), desc=description, leave=False):
+    # Bars only on a terminal (tqdm's disable=None), and never when transformers' bars are off
+    # (`transformers.utils.logging.disable_progress_bar()`, HF_HUB_DISABLE_PROGRESS_BARS); TQDM_DISABLE=1 also works.
+    disable = None if is_progress_bar_enabled() else True
+    for start in tqdm(range(0, len(rows), size), desc=description, leave=False, disable=disable):
         yield rows[start : start + size]
 
 
@@ -324,7 +328,7 @@ def perplexity(ctx: EvalContext, rows: list[dict]) -> float:
     total, count = 0.0, 0
     for chunk in batches(rows, ctx.args.batch_size, "perplexity"):
         batch = collator(chunk)
-        batch.pop("scope_labels")
+        batch.pop("scope_targets")
         out = ctx.model(**batch, use_memory=False)
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total, count = total + float(out.lm_loss) * tokens, count + tokens
