@@ -3,23 +3,11 @@
 
 import json
 
-import pytest
-import torch
 from huggingface_hub import ModelCard
 
-from microvlm import MicroVLMConfig, MicroVLMForCausalLM, MicroVLMProcessor
+from microvlm import MicroVLMForCausalLM
 
 from .test_remote_code import run_isolated
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny")).save_pretrained(folder)
-    MicroVLMProcessor.from_preset("tiny").save_pretrained(folder)
-    (folder / "gradient_flow.jsonl").write_text("{}\n")  # what training leaves beside the weights
-    return folder
 
 
 def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
@@ -77,6 +65,7 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
     for plot in ("image_attention.png", "retrieval_similarity.png", "memory_addressing.png"):
         assert (tmp_path / "eval" / plot).is_file()
 
+    (saved_model / "gradient_flow.jsonl").write_text("{}\n")  # what training leaves beside the weights
     folder = upload_main(
         [
             "--model_dir",

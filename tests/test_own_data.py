@@ -4,25 +4,14 @@ VQA accuracy rule, and `microvlm.train --dataset ... --validation_split` evaluat
 import json
 
 import pytest
-import torch
 from PIL import Image
 
-from microvlm import MicroVLMConfig, MicroVLMForCausalLM, MicroVLMProcessor
 from microvlm.eval.cli import main as evaluate_main
 from microvlm.eval.own_data import exact_match_any, vqa_accuracy
 from microvlm.train.cli import build_trainer
 
 
 COLOURS = ["red", "blue", "green", "yellow", "white", "black"]
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny")).save_pretrained(folder)
-    MicroVLMProcessor.from_preset("tiny").save_pretrained(folder)
-    return folder
 
 
 def image_folder(root, rows_by_split: dict[str, list[dict]]):

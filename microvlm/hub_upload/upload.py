@@ -108,13 +108,13 @@ TRAINING_FILES = (
 
 def eval_results_of(eval_results: EvalResults) -> list[EvalResult]:
     """The card's `model-index` entries from the evaluation's headline figures."""
+    name, split = eval_results.dataset, eval_results.split
+    dataset = {"dataset_type": name, "dataset_name": name, "dataset_split": split}
     return [
         EvalResult(
             task_type="image-text-to-text",
             task_name=entry.task,
-            dataset_type=eval_results.dataset,
-            dataset_name=eval_results.dataset,
-            dataset_split=eval_results.split,
+            **dataset,
             metric_type=entry.metric,
             metric_name=entry.name,
             metric_value=entry.value,
