@@ -124,12 +124,13 @@ class MicroVLMProcessor(ProcessorMixin):
         """
         if images is None and text is None:
             raise ValueError("MicroVLMProcessor: give images, text, or both")
-        kwargs.setdefault("return_tensors", "pt")
+        # Tensors are made once, at the end (transformers 5.0 leaves a flat return_tensors out of text_kwargs).
+        return_tensors = kwargs.pop("return_tensors", "pt")
         output_kwargs = self._merge_kwargs(
             MicroVLMProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
         text_kwargs, images_kwargs = output_kwargs["text_kwargs"], output_kwargs["images_kwargs"]
-        return_tensors = text_kwargs.pop("return_tensors", None)
+        text_kwargs.pop("return_tensors", None)
         images_kwargs.pop("return_tensors", None)
         return_replacements = text_kwargs.pop("return_text_replacement_offsets", False)
         texts = [text] if isinstance(text, str) else list(text) if text is not None else None

@@ -23,6 +23,12 @@ def tiny_model(tiny_config: MicroVLMConfig) -> MicroVLMForCausalLM:
 
 
 @pytest.fixture(scope="module")
+def processor() -> MicroVLMProcessor:
+    """The tiny preset's processor (offline: its tokenizer ships with the package)."""
+    return MicroVLMProcessor.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     """A folder with a random tiny model and its processor, as `save_pretrained` writes them."""
     folder = tmp_path_factory.mktemp("model")

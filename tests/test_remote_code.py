@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoModel
 
 import microvlm
-from microvlm import MicroVLMForCausalLM
+from microvlm import MicroVLMForCausalLM, MicroVLMModel
 
 from .conftest import make_inputs
 
@@ -129,3 +130,9 @@ def test_the_flat_modules_are_the_remote_code_closure_and_import_only_torch_and_
         assert relative <= flat, f"{name}.py imports {sorted(relative - flat)}, not a flat module"
         pending += sorted(relative - reached)
     assert reached == flat, f"flat modules no saved model needs (tooling belongs in a package): {flat - reached}"
+
+
+def test_auto_model_is_the_body_without_lm_head(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    body = AutoModel.from_pretrained(tmp_path)
+    assert type(body) is MicroVLMModel and not hasattr(body, "lm_head")
