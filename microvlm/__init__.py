@@ -9,15 +9,16 @@ works on saved folders without `trust_remote_code` while the package is installe
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 
 from .configuration_microvlm import MicroVLMConfig
-from .modeling_microvlm import MicroVLMForCausalLM, MicroVLMPreTrainedModel
+from .modeling_microvlm import MicroVLMForCausalLM, MicroVLMModel, MicroVLMPreTrainedModel
 from .processing_microvlm import MicroVLMProcessor
 
 
 AutoConfig.register(MicroVLMConfig.model_type, MicroVLMConfig, exist_ok=True)
-for _auto_class in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText):
+AutoModel.register(MicroVLMConfig, MicroVLMModel, exist_ok=True)  # the body without LM head, as for LLaVA
+for _auto_class in (AutoModelForCausalLM, AutoModelForImageTextToText):
     _auto_class.register(MicroVLMConfig, MicroVLMForCausalLM, exist_ok=True)
 MicroVLMConfig.register_for_auto_class()
 MicroVLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 MicroVLMProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["MicroVLMConfig", "MicroVLMForCausalLM", "MicroVLMPreTrainedModel", "MicroVLMProcessor"]
+__all__ = ["MicroVLMConfig", "MicroVLMForCausalLM", "MicroVLMModel", "MicroVLMPreTrainedModel", "MicroVLMProcessor"]

@@ -16,7 +16,7 @@ from transformers import AutoConfig, PretrainedConfig
 PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MAP = {
     "AutoConfig": "configuration_microvlm.MicroVLMConfig",
-    "AutoModel": "modeling_microvlm.MicroVLMForCausalLM",
+    "AutoModel": "modeling_microvlm.MicroVLMModel",
     "AutoModelForCausalLM": "modeling_microvlm.MicroVLMForCausalLM",
     "AutoModelForImageTextToText": "modeling_microvlm.MicroVLMForCausalLM",
 }
@@ -101,10 +101,26 @@ class MicroVLMConfig(PretrainedConfig):
         scope_hidden_size (`int`), scope_threshold (`float`): ScopeNet gate width and inference threshold.
         scope_num_layers (`int`): ScopeNet's hidden layers: 2 gives code→h→h→1 (MicroVLM-V, tiny), 1 the seed's
             MicroVLM-M code→256→1.
-        scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_labels`, when a batch carries them.
+        scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_targets`, when a batch carries them.
     """
 
     model_type = "microvlm"
+    # The Trainer's predictions are the logits alone: `compute_metrics` gets them, not every output term.
+    keys_to_ignore_at_inference = [
+        "past_key_values",
+        "hidden_states",
+        "attentions",
+        "lm_loss",
+        "alignment_loss",
+        "alignment_logits",
+        "image_prefix",
+        "image_attention",
+        "memory_kl",
+        "addressing_kl",
+        "memory_step_loss",
+        "scope_gate",
+        "scope_loss",
+    ]
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
     def __init__(

@@ -9,7 +9,7 @@ class ScopeNet(nn.Module):
     h, each followed by ReLU and dropout, and a sigmoid (2 layers: C→h→h→1; 1 layer: the seed's C→256→1).
 
     Trained (1) end to end through the soft gate on the memory's values in training, and (2) by BCE against
-    `scope_labels` when a batch has them (1 for rows that need the memory, e.g. episodic-recall questions).
+    `scope_targets` when a batch has them (1 for rows that need the memory, e.g. episodic-recall questions).
     """
 
     def __init__(self, input_dim: int, hidden_size: int = 256, dropout: float = 0.1, num_layers: int = 2):

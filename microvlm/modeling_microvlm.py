@@ -78,7 +78,7 @@ class MicroVLMCausalLMOutput(ModelOutput):
             from what it reads back (see `LarimarMemory.reconstruction_error`), when the batch has episodes and
             `config.memory_reconstruction_weight` is not 0.
         scope_gate: (batch,) ScopeNet's gate in [0, 1]; at inference rows below `scope_threshold` got no memory.
-        scope_loss: BCE of `scope_gate` against the `scope_labels` given to `forward`.
+        scope_loss: BCE of `scope_gate` against the `scope_targets` given to `forward`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -314,7 +314,8 @@ class MicroVLMModel(MicroVLMPreTrainedModel):
             if _is_checkpointing(self.language_model) and self.training:
                 raise ValueError(
                     "MicroVLM: the episodic memory reaches the LM as past_key_values, which transformers' gradient "
-                    "checkpointing drops. Train with use_memory=False, or disable gradient checkpointing."
+                    "checkpointing drops. Train with use_memory=False, or disable gradient checkpointing "
+                    "(TrainingArguments(gradient_checkpointing=False); TRL's SFTConfig turns it on by default)."
                 )
             query_mask = attention_mask if memory_query_mask is None else memory_query_mask
             questions = self.memory_codes(inputs_embeds, input_ids, query_mask)
@@ -436,7 +437,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         episode_mask: torch.Tensor | None = None,
         memory_query_mask: torch.Tensor | None = None,
         memory_target_step: torch.LongTensor | None = None,
-        scope_labels: torch.Tensor | None = None,
+        scope_targets: torch.Tensor | None = None,
         **kwargs,
     ) -> MicroVLMCausalLMOutput:
         r"""
@@ -446,7 +447,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
                 tokens before the first labelled one.
             logits_to_keep: compute logits for the last N positions only (0: all).
             memory_query_mask: as [`MicroVLMModel.forward`]; derived from `labels` when they are given.
-            scope_labels: (B,) 1 where a row needs the memory, 0 where it does not; trains ScopeNet.
+            scope_targets: (B,) 1 where a row needs the memory, 0 where it does not; trains ScopeNet.
         """
         text_labels = self._text_only_labels(labels, input_ids, attention_mask) if labels is not None else None
         if memory_query_mask is None and text_labels is not None:
@@ -492,8 +493,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
                     loss = loss + self.config.memory_step_loss_weight * memory.step_loss
                 if memory.reconstruction_loss is not None:
                     loss = loss + self.config.memory_reconstruction_weight * memory.reconstruction_loss
-        if memory is not None and scope_labels is not None:
-            scope_loss = nn.functional.binary_cross_entropy(memory.gate.float(), scope_labels.float())
+        if memory is not None and scope_targets is not None:
+            scope_loss = nn.functional.binary_cross_entropy(memory.gate.float(), scope_targets.float())
             loss = scope_loss * self.config.scope_loss_weight + (loss if loss is not None else 0.0)
 
         return MicroVLMCausalLMOutput(

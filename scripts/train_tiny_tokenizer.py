@@ -85,12 +85,16 @@ COLOURS = [
 SHAPES = ["circle", "square", "triangle", "star", "diamond", "hexagon", "cross", "heart"]
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 POSITIONS = ["left", "right", "top", "bottom", "centre", "center", "middle"]
+# Assistant turns sit in {% generation %} blocks, so `return_assistant_tokens_mask` (TRL's assistant_only_loss)
+# finds them.
 CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
+    "{%- macro render(content) -%}{% if content is string %}{{ content }}"
+    "{% else %}{% for item in content %}"
     "{% if item['type'] == 'image' %}<image>{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
-    "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% endfor %}{% endif %}{%- endmacro -%}"
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ render(message['content']) }}<|im_end|>\n"
+    "{% endgeneration %}{% else %}{{ render(message['content']) }}<|im_end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 

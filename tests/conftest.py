@@ -8,7 +8,7 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from microvlm import MicroVLMConfig, MicroVLMForCausalLM  # noqa: E402
+from microvlm import MicroVLMConfig, MicroVLMForCausalLM, MicroVLMProcessor  # noqa: E402
 
 
 @pytest.fixture
@@ -27,6 +27,22 @@ def family_model(request) -> MicroVLMForCausalLM:
     """The small preset of each family, seed 0, eval mode: "tiny" (Qwen2-style LM), "tiny-m" (BitNet b1.58 LM)."""
     torch.manual_seed(0)
     return MicroVLMForCausalLM(MicroVLMConfig.from_preset(request.param)).eval()
+
+
+@pytest.fixture(scope="module")
+def processor() -> MicroVLMProcessor:
+    """The tiny preset's processor (offline: its tokenizer ships with the package)."""
+    return MicroVLMProcessor.from_preset("tiny")
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A folder with a random tiny model and its processor, as `save_pretrained` writes them."""
+    folder = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny")).save_pretrained(folder)
+    MicroVLMProcessor.from_preset("tiny").save_pretrained(folder)
+    return folder
 
 
 def make_inputs(config: MicroVLMConfig, text_lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:

@@ -27,6 +27,8 @@ from microvlm.data.synthetic_shapes import (
     render_image,
 )
 
+from .test_processor import image
+
 
 @pytest.fixture(scope="module")
 def shapes():
@@ -121,7 +123,7 @@ def test_collator_labels_targets_only_and_gives_episodes_to_recall_rows_only(sha
             assert not batch["episode_pixel_values"][row].any()
     assert batch["pixel_values"].shape[0] == sum(s["kind"] != "recall" for s in samples)
     assert batch["episode_pixel_values"].shape[:2] == batch["episode_input_ids"].shape[:2]
-    assert torch.equal(batch["scope_labels"], torch.tensor([float(s["kind"] == "recall") for s in samples]))
+    assert torch.equal(batch["scope_targets"], torch.tensor([float(s["kind"] == "recall") for s in samples]))
     without_recall = collator([s for s in samples if s["kind"] != "recall"])
     assert "episode_input_ids" not in without_recall and "memory_target_step" not in without_recall
 
@@ -244,3 +246,19 @@ def test_cc12m_download_against_a_local_server_counts_failures_and_resumes(tmp_p
         assert len(_Server.hits) == hits  # resumed: nothing fetched again
     finally:
         server.shutdown()
+
+
+def test_processor_suffix_builds_the_built_in_collators_batch(processor):
+    """(image, prompt, target) rows through the processor: the same ids and labels as the training collator."""
+    samples = [
+        {"kind": "qa", "image": image("red"), "text": "what colour are the shapes?", "answer": "red"},
+        {"kind": "caption", "image": image("blue"), "text": "two blue circles on the left"},
+    ]
+    expected = MicroVLMCollator(processor)(samples)
+    batch = processor(
+        images=[s["image"] for s in samples],
+        text=["what colour are the shapes?", ""],
+        suffix=["red", "two blue circles on the left"],
+    )
+    for key in ("input_ids", "attention_mask", "labels", "pixel_values"):
+        assert torch.equal(batch[key], expected[key]), key

@@ -5,19 +5,11 @@ import json
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM, MicroVLMProcessor
 
 from .test_remote_code import run_isolated
-
-
-@pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny")).save_pretrained(folder)
-    MicroVLMProcessor.from_preset("tiny").save_pretrained(folder)
-    return folder
 
 
 def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
@@ -75,6 +67,7 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
     for plot in ("image_attention.png", "retrieval_similarity.png", "memory_addressing.png"):
         assert (tmp_path / "eval" / plot).is_file()
 
+    (saved_model / "gradient_flow.jsonl").write_text("{}\n")  # what training leaves beside the weights
     folder = upload_main(
         [
             "--model_dir",
@@ -88,11 +81,18 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
             "--dry-run",
         ]
     )
-    card = (folder / "README.md").read_text()
-    assert card.startswith('---\nlicense: "apache-2.0"') and 'library_name: "transformers"' in card
-    assert 'pipeline_tag: "image-text-to-text"' in card and "model-index" in card
-    for entry in saved["headline"]:  # the card's figures are the eval JSON's
-        assert f"value: {json.dumps(entry['value'])}" in card
+    card = ModelCard.load(folder / "README.md")  # parses as the Hub does
+    data = card.data
+    assert (data.license, data.library_name, data.pipeline_tag) == ("apache-2.0", "transformers", "image-text-to-text")
+    assert data.datasets is None  # the built-in set is no Hub dataset id
+    figures = {(r.metric_name, r.metric_value) for r in data.eval_results}
+    assert figures == {(e["name"], e["value"]) for e in saved["headline"]}  # the card's figures are the eval JSON's
+    parameters = MicroVLMForCausalLM.from_pretrained(saved_model).num_parameters()
+    assert f"Parameters: {parameters:,}." in card.text and parameters > 0
+    for entry in saved["headline"]:  # every baseline shown, a chance level only where there is one
+        assert f"| {entry['baseline_name']} {entry['baseline']:.4g} |" in card.text
+    assert not (folder / "gradient_flow.jsonl").exists()
+    card = card.content
     quick_start = (
         card.split("```python\n", 1)[1].split("```", 1)[0].replace('"someone/microvlm-tiny"', repr(str(folder)))
     )

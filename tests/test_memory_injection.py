@@ -165,7 +165,7 @@ def test_gradients_reach_the_projection_scope_net_lstm_and_prior_when_memory_is_
         episode_input_ids=episode["input_ids"].view(4, 2, -1),
         episode_attention_mask=episode["attention_mask"].view(4, 2, -1),
         episode_pixel_values=episode["pixel_values"].view(4, 2, 3, 64, 64),
-        scope_labels=torch.tensor([1.0, 0.0, 1.0, 0.0]),
+        scope_targets=torch.tensor([1.0, 0.0, 1.0, 0.0]),
     )
     assert torch.isfinite(out.memory_kl) and torch.isfinite(out.addressing_kl) and out.scope_loss is not None
     out.loss.backward()

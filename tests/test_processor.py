@@ -1,12 +1,14 @@
 """MicroVLMProcessor: placeholder expansion, pixel values against a hand-made reference, every input kind, bad
-inputs, save/load and remote-code round trips. Also run under the lowest supported transformers (min_version)."""
+inputs, save/load and remote-code round trips, labelled batches (`suffix`, `MicroVLMDataCollator`), processing
+kwargs, chat stops. Also run under the lowest supported transformers (min_version)."""
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from transformers import GenerationConfig
 
-from microvlm import MicroVLMProcessor
+from microvlm.processing_microvlm import MicroVLMDataCollator
 
 from .test_remote_code import run_isolated
 
@@ -14,11 +16,6 @@ from .test_remote_code import run_isolated
 pytestmark = pytest.mark.min_version
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-
-
-@pytest.fixture(scope="module")
-def processor() -> MicroVLMProcessor:
-    return MicroVLMProcessor.from_preset("tiny")
 
 
 def picture(width=80, height=50) -> Image.Image:
@@ -134,3 +131,75 @@ for key, value in torch.load(expected).items():
     assert torch.equal(got[key], value), key
 """
     run_isolated(script, str(folder), str(tmp_path / "picture.png"), str(tmp_path / "expected.pt"), cwd=elsewhere)
+
+
+# ---------------------------------------------------------------- labelled batches, kwargs, chat (issue 12)
+
+
+def image(colour: str = "red") -> Image.Image:
+    return Image.new("RGB", (64, 64), colour)
+
+
+def qa_rows(count: int = 4) -> list[dict]:
+    colours = ["red", "blue", "green", "yellow"]
+    return [
+        {"image": image(colours[i % 4]), "prompt": "what colour are the shapes?", "completion": colours[i % 4]}
+        for i in range(count)
+    ]
+
+
+def chat_rows(count: int = 4) -> list[dict]:
+    colours = ["red", "blue", "green", "yellow"]
+    return [
+        {
+            "images": [image(colours[i % 4])],
+            "messages": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": colours[i % 4]}]},
+            ],
+        }
+        for i in range(count)
+    ]
+
+
+def test_data_collator_labels_only_the_answer_of_chat_and_prompt_completion_rows(processor):
+    for rows in (qa_rows(2), chat_rows(2)):
+        batch = MicroVLMDataCollator(processor)(rows)
+        labelled = batch["labels"] != -100
+        assert not labelled[batch["input_ids"] == processor.image_token_id].any()
+        assert not labelled[batch["attention_mask"] == 0].any()
+        answers = processor.tokenizer.batch_decode(
+            [ids[mask] for ids, mask in zip(batch["input_ids"], labelled)], skip_special_tokens=True
+        )
+        assert [a.strip() for a in answers] == ["red", "blue"]
+    with pytest.raises(ValueError, match="expected 'messages' or 'prompt'"):
+        MicroVLMDataCollator(processor)([{"question": "q", "answer": "a", "image": image()}])
+
+
+def test_processor_follows_processing_kwargs_and_takes_tensors(processor):
+    plain = processor(images=[image()], text=["x"], do_normalize=False)["pixel_values"]
+    assert plain.min() >= 0 and plain.max() <= 1
+    nested = processor(images=[image()], text=["x"], images_kwargs={"do_normalize": False})["pixel_values"]
+    assert torch.equal(plain, nested)
+    padded = processor(images=[image()], text=["x"], text_kwargs={"padding": "max_length", "max_length": 20})
+    assert padded["input_ids"].shape == (1, 20)
+    tensor = torch.rand(3, 32, 32)
+    from_tensor = processor(images=[tensor], text=["x"])["pixel_values"]
+    from_array = processor(images=[(tensor.permute(1, 2, 0).numpy())], text=["x"])["pixel_values"]
+    assert torch.equal(from_tensor, from_array)
+    with pytest.raises(ValueError, match="raise max_length above 8"):
+        processor(images=[image()], text=["hello there"], truncation=True, max_length=5)
+
+
+def test_chat_generation_stops_at_the_turn_end(tiny_model, processor, tmp_path):
+    turn_end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tiny_model.save_pretrained(tmp_path)
+    assert turn_end in GenerationConfig.from_pretrained(tmp_path).eos_token_id
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what colour?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(images=[image()], text=[prompt])
+    # A model that ends its turn at once: the reply must stop there, not run on to max_new_tokens.
+    out = tiny_model.generate(**inputs, max_new_tokens=6, do_sample=False, sequence_bias={(turn_end,): 100.0})
+    assert out[0, inputs["input_ids"].shape[1] :].tolist() == [turn_end]

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from transformers import AutoModel
 
 import microvlm
-from microvlm import MicroVLMForCausalLM
+from microvlm import MicroVLMForCausalLM, MicroVLMModel
 
 from .conftest import make_inputs
 
@@ -30,7 +31,9 @@ LOADER = textwrap.dedent(
     inputs = torch.load(inputs_file)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
     result = {"config_class": type(config).__name__}
-    for auto in (AutoModelForCausalLM, AutoModel, AutoModelForImageTextToText):
+    body = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()  # the body, as LLaVA maps it
+    result["AutoModel"] = (type(body).__name__, body(**inputs).last_hidden_state.detach())
+    for auto in (AutoModelForCausalLM, AutoModelForImageTextToText):
         model = auto.from_pretrained(folder, trust_remote_code=True).eval()
         with torch.no_grad():
             result[auto.__name__] = model(**inputs).logits
@@ -91,8 +94,10 @@ def test_remote_code_round_trip_in_a_fresh_offline_process(family_model, tmp_pat
     result = torch.load(tmp_path / "result.pt")
     assert result["config_class"] == "MicroVLMConfig" and "transformers_modules" in result["module"]
     expected = tiny_model(**inputs).logits
-    for auto in ("AutoModelForCausalLM", "AutoModel", "AutoModelForImageTextToText"):
+    for auto in ("AutoModelForCausalLM", "AutoModelForImageTextToText"):
         assert torch.equal(result[auto], expected), auto
+    assert result["AutoModel"][0] == "MicroVLMModel"
+    assert torch.equal(result["AutoModel"][1], tiny_model.model(**inputs).last_hidden_state)
     assert torch.equal(
         result["generated"], tiny_model.generate(**inputs, max_new_tokens=5, min_new_tokens=5, do_sample=False)
     )
@@ -126,3 +131,9 @@ def test_the_flat_modules_are_the_remote_code_closure_and_import_only_torch_and_
         assert relative <= flat, f"{name}.py imports {sorted(relative - flat)}, not a flat module"
         pending += sorted(relative - reached)
     assert reached == flat, f"flat modules no saved model needs (tooling belongs in a package): {flat - reached}"
+
+
+def test_auto_model_is_the_body_without_lm_head(tiny_model, tmp_path):
+    tiny_model.save_pretrained(tmp_path)
+    body = AutoModel.from_pretrained(tmp_path)
+    assert type(body) is MicroVLMModel and not hasattr(body, "lm_head")

@@ -45,7 +45,7 @@ def prompt_and_target(sample: dict[str, Any]) -> tuple[str, str, bool]:
 @dataclass
 class MicroVLMCollator:
     """Collates samples into `input_ids`, `attention_mask`, `labels`, `pixel_values` (one image per row; rows
-    without an image get none of the image's placeholders and a blank image is not sent), `scope_labels`
+    without an image get none of the image's placeholders and a blank image is not sent), `scope_targets`
     (1 for recall rows) and, with `with_episodes` and at least one recall row, `episode_*` tensors (B, E, ...)
     and `memory_target_step` (B,).
 
@@ -93,7 +93,7 @@ class MicroVLMCollator:
             "input_ids": self._left_pad(input_ids, self.pad_id),
             "attention_mask": self._left_pad([[1] * len(ids) for ids in input_ids], 0),
             "labels": self._left_pad(labels, IGNORE_INDEX),
-            "scope_labels": torch.tensor([float(s.get("kind") == "recall") for s in samples]),
+            "scope_targets": torch.tensor([float(s.get("kind") == "recall") for s in samples]),
         }
         if images:
             batch["pixel_values"] = self._pixels(images)

@@ -1,6 +1,7 @@
 """Any image–text source as a `datasets.Dataset` with lazily decoded `image` and a `text` column.
 
-* a folder of images with `metadata.jsonl` or `metadata.csv` (datasets' "imagefolder" builder),
+* a folder of images with `metadata.jsonl` or `metadata.csv` (datasets' "imagefolder" builder), at its top (one
+  "train" split) or in one subfolder per split (`train/`, `validation/`, `test/`),
 * webdataset tar shards: a `*.tar` file, a glob, or a folder of them (datasets' "webdataset" builder),
 * anything else is taken as a Hub dataset id (`load_dataset(id, split=...)`; needs the network).
 
@@ -37,7 +38,8 @@ def load_image_text_dataset(
 ) -> datasets.Dataset:
     """Load `source` (see the module docstring) with columns `image` (datasets.Image, lazy) and `text`."""
     path = Path(source)
-    if path.is_dir() and any((path / name).is_file() for name in ("metadata.jsonl", "metadata.csv")):
+    metadata = ("metadata.jsonl", "metadata.csv", "*/metadata.jsonl", "*/metadata.csv")
+    if path.is_dir() and any(next(path.glob(pattern), None) for pattern in metadata):
         dataset = datasets.load_dataset("imagefolder", data_dir=str(path), split=split, **load_kwargs)
     elif source.endswith(".tar") or (path.is_dir() and _webdataset_files(source)) or "*" in source:
         files = _webdataset_files(source)

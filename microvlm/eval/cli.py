@@ -24,6 +24,7 @@ Every generated answer comes from one loop (`answers`) over one table (`CONDITIO
 an input transform and a memory set-up.
 """
 
+import json
 import logging
 import math
 from collections.abc import Callable
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoProcessor, HfArgumentParser
+from transformers.utils.logging import is_progress_bar_enabled
 
 from ..alignment import text_token_mask
 from ..data.collator import MicroVLMCollator
@@ -57,6 +59,7 @@ from .analysis import (
     slot_utilisation,
 )
 from .metrics import caption_metrics, load_metric
+from .own_data import load_rows, score_answers, score_captions
 from .results import EvalResults, HeadlineFigure
 from .visualisation import eager_language_attention
 
@@ -81,6 +84,18 @@ class EvalArguments:
     max_new_tokens: int = 12
     seed: int = 42
     num_slices: int = 256
+    dataset: str | None = field(
+        default=None,
+        metadata={
+            "help": "your own data instead of the built-in set: an image folder with metadata.jsonl/.csv, webdataset "
+            "shards or a Hub id (captions and retrieval, or questions with --question_column/--answer_column)"
+        },
+    )
+    split: str = field(default="test", metadata={"help": "the split of --dataset to evaluate"})
+    image_column: str = "image"
+    text_column: str = field(default="text", metadata={"help": "caption column: one caption or a list of them"})
+    question_column: str | None = None
+    answer_column: str | None = field(default=None, metadata={"help": "answer column: one answer or a list"})
 
 
 @dataclass
@@ -239,7 +254,10 @@ def scored_keys(section: str) -> list[str]:
 
 
 def batches(rows: list[dict], size: int, description: str):
-    for start in tqdm(range(0, len(rows), size), desc=description, leave=False):
+    # Bars only on a terminal (tqdm's disable=None), and never when transformers' bars are off
+    # (`transformers.utils.logging.disable_progress_bar()`, HF_HUB_DISABLE_PROGRESS_BARS); TQDM_DISABLE=1 also works.
+    disable = None if is_progress_bar_enabled() else True
+    for start in tqdm(range(0, len(rows), size), desc=description, leave=False, disable=disable):
         yield rows[start : start + size]
 
 
@@ -324,7 +342,7 @@ def perplexity(ctx: EvalContext, rows: list[dict]) -> float:
     total, count = 0.0, 0
     for chunk in batches(rows, ctx.args.batch_size, "perplexity"):
         batch = collator(chunk)
-        batch.pop("scope_labels")
+        batch.pop("scope_targets")
         out = ctx.model(**batch, use_memory=False)
         tokens = int((batch["labels"][:, 1:] != -100).sum())
         total, count = total + float(out.lm_loss) * tokens, count + tokens
@@ -599,13 +617,49 @@ def headline(results: EvalResults) -> list[HeadlineFigure]:
     ]
 
 
-def main(argv: list[str] | None = None) -> EvalResults:
+def evaluate_own_data(ctx: EvalContext) -> dict[str, Any]:
+    """Scores on `--dataset` (at most `num_test` rows): generated captions or answers, and retrieval R@k among the
+    first `num_retrieval` caption rows (see `own_data.py`). The JSON of `eval_results.json` for your own data."""
+    args = ctx.args
+    rows = load_rows(
+        args.dataset,
+        args.split,
+        args.image_column,
+        args.text_column,
+        args.question_column,
+        args.answer_column,
+        args.num_test,
+    )
+    kind = rows[0]["kind"]
+    generated = answers(ctx, Condition(kind, "model", args.dataset), rows)
+    results: dict[str, Any] = {"dataset": args.dataset, "split": args.split, "count": len(rows)}
+    if kind == "qa":
+        results["qa"] = score_answers(generated, rows)
+    else:
+        results["captions"] = score_captions(generated, rows)
+        candidates = rows[: args.num_retrieval]
+        similarity = retrieval_similarity(ctx.model, ctx.processor, candidates)
+        results["retrieval"] = {
+            **recall_from_similarity(similarity, ks=(1, 5, 10)),
+            "candidates": len(candidates),
+        }
+    results["examples"] = [{"input": r["text"], "generated": g} for r, g in zip(rows[:8], generated[:8])]
+    return results
+
+
+def main(argv: list[str] | None = None) -> EvalResults | dict[str, Any]:
+    """The built-in evaluation (an `EvalResults`, report and plots), or with `--dataset` your own data's scores."""
     (args,) = HfArgumentParser(EvalArguments).parse_args_into_dataclasses(args=argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     torch.manual_seed(args.seed)
     output = Path(args.output_dir or Path(args.model_dir) / "eval")
     output.mkdir(parents=True, exist_ok=True)
     ctx = load_context(args)
+    if args.dataset is not None:
+        results = evaluate_own_data(ctx)
+        (output / "eval_results.json").write_text(json.dumps(results, indent=2, ensure_ascii=False))
+        logger.info("%s", json.dumps({k: v for k, v in results.items() if k != "examples"}))
+        return results
     row_sets = test_rows(ctx)
     results = evaluate_model(ctx, row_sets)
     results.save(output / "eval_results.json")

@@ -92,7 +92,7 @@ def trim_embedding(model, keep_ids: list[int]) -> None:
         setattr(owner, name, [new_id[v] for v in value] if isinstance(value, list) else new_id[value])
 
     renumber(model.config, "image_token_id")
-    for owner in (model.config.text_config, model.generation_config):
+    for owner in (model.config, model.config.text_config, model.generation_config):
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             renumber(owner, name)
     model.config.text_config.vocab_size = len(keep_ids)

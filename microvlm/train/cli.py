@@ -89,6 +89,10 @@ class DataArguments:
     data_seed_offset: int = 0
     image_column: str = "image"
     text_column: str = "text"
+    validation_split: str | None = field(
+        default=None,
+        metadata={"help": "split of --dataset evaluated during training (e.g. validation); default: no evaluation"},
+    )
     max_length: int = 64
 
 
@@ -232,10 +236,14 @@ def build_datasets(data_args: DataArguments, config: MicroVLMConfig, seed: int):
         return splits["train"], splits["validation"]
     from ..data.sources import SkipBadSamples, load_image_text_dataset
 
-    train = load_image_text_dataset(
-        data_args.dataset, split="train", image_column=data_args.image_column, text_column=data_args.text_column
-    )
-    return SkipBadSamples(train), None
+    def split(name: str) -> SkipBadSamples:
+        return SkipBadSamples(
+            load_image_text_dataset(
+                data_args.dataset, split=name, image_column=data_args.image_column, text_column=data_args.text_column
+            )
+        )
+
+    return split("train"), split(data_args.validation_split) if data_args.validation_split else None
 
 
 def build_trainer(

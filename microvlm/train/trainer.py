@@ -2,7 +2,6 @@
 
 from collections import defaultdict
 
-import torch
 from transformers import Trainer
 
 from ..bitnet import quantisation_stats
@@ -26,7 +25,8 @@ class MicroVLMTrainer(Trainer):
     BCE), weights from the model config.
 
     Each term (and ScopeNet's mean gate) is accumulated at every step and logged as its mean at each logging
-    step, beside the Trainer's own `loss`; evaluation logs the same terms with the `eval_` prefix.
+    step, beside the Trainer's own `loss`; evaluation logs the same terms with the `eval_` prefix. Predictions
+    are the Trainer's own: the loss alone without `compute_metrics`, the logits (B, T, V) with it.
     """
 
     def __init__(self, *args, **kwargs):
@@ -57,9 +57,3 @@ class MicroVLMTrainer(Trainer):
                     logs.update(callback.pop_metrics())
             logs.update(quantisation_stats(self.model))
         super().log(logs, *args, **kwargs)
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        # Evaluation needs only the loss (and its logged terms): skip gathering (batch, seq, vocab) logits.
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
