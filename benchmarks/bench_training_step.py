@@ -4,6 +4,8 @@ length (prefix included), so the overhead of vision tower, adapter and memory is
 For each preset: one optimizer step (forward, backward, AdamW) on a batch of B rows of seq tokens, memory on with
 an episode of E steps per row (stage 2), the last 4 LM layers, adapter, alignment, memory and ScopeNet trained;
 the baseline trains the same LM parameters on B rows of the same total length. Medians of --repeats steps.
+With --profile, one MicroVLM step per preset (after a warm-up) runs under `torch.profiler` instead, and the top
+operators by self CPU time are printed (the README's table).
 """
 
 import argparse
@@ -11,10 +13,17 @@ import statistics
 import time
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 from transformers import AutoModelForCausalLM
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
 from microvlm.train.cli import freeze_for_stage
+
+
+def train_step(model, optimizer: torch.optim.Optimizer, inputs: dict) -> None:
+    model(**inputs).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def step_seconds(model, inputs: dict, repeats: int) -> float:
@@ -22,12 +31,19 @@ def step_seconds(model, inputs: dict, repeats: int) -> float:
     times = []
     for index in range(repeats + 1):
         start = time.perf_counter()
-        model(**inputs).loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        train_step(model, optimizer, inputs)
         if index:  # the first step warms up
             times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def print_profile(model, inputs: dict, rows: int = 15) -> None:
+    """The top `rows` operators by self CPU time of one step (forward, backward, AdamW) after a warm-up step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    train_step(model, optimizer, inputs)  # warm-up, and the optimizer's state
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        train_step(model, optimizer, inputs)
+    print(profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=48))
 
 
 def inputs_for(config: MicroVLMConfig, batch: int, seq: int, episode: int) -> dict:
@@ -56,6 +72,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--episode", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--profile", action="store_true", help="print the top operators of a MicroVLM step")
     args = parser.parse_args()
     print(
         f"{'preset':>11} | MicroVLM step s | Qwen2 step s | ratio   "
@@ -66,6 +83,9 @@ def main() -> None:
         config = MicroVLMConfig.from_preset(name, use_memory=True)
         model = MicroVLMForCausalLM(config).train()
         freeze_for_stage(model, ["adapter", "alignment", "memory", "scope_net"], 4)
+        if args.profile:
+            print_profile(model, inputs_for(config, args.batch, args.seq, args.episode))
+            continue
         ours = step_seconds(model, inputs_for(config, args.batch, args.seq, args.episode), args.repeats)
         del model
         lm = AutoModelForCausalLM.from_config(config.text_config).train()

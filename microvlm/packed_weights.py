@@ -37,6 +37,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .bitnet import BitLinear, pack_ternary, quantise_activations, ternary_codes, unpack_ternary
+from .ternary_kernel import ternary_linear
 
 
 COMPONENT_FORMATS = {
@@ -51,8 +52,9 @@ FLOAT16_TINY = torch.finfo(torch.float16).tiny
 class PackedBitLinear(nn.Module):
     """A BitLinear frozen into its exported form: 2-bit ternary weights + g, per-token quantised activations.
 
-    y = quantise_activations(x) · (values / g)ᵀ + b: bit for bit the output of the `BitLinear` it was packed from.
-    Weights stay packed in memory and are unpacked at each call (no speed claim: pure PyTorch).
+    y = quantise_activations(x) · (values / g)ᵀ + b: the output of the `BitLinear` it was packed from. Weights stay
+    packed in memory. On the CPU the native kernel (`ternary_kernel.py`) computes it in integers (equal up to float
+    rounding); elsewhere, or without the kernel, the weights are unpacked at each call (pure PyTorch, bit for bit).
 
     Args:
         in_features, out_features (`int`), bias (`bool`): as for `nn.Linear`.
@@ -78,6 +80,9 @@ class PackedBitLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., in_features) → (..., out_features)."""
+        y = ternary_linear(x, self.weight, self.out_features, self.weight_scale, self.bias, self.activation_bits)
+        if y is not None:
+            return y
         weight = unpack_ternary(self.weight, self.weight_scale, self.out_features).to(x.dtype)
         if self.activation_bits is not None:
             x = quantise_activations(x, self.activation_bits)

@@ -14,6 +14,7 @@ from microvlm.bitnet import BitLinear, set_quantisation_strength
 from microvlm.export import WeightFormats, write_export
 from microvlm.export.vocabulary import coverage, kept_token_ids, trim_embedding, trim_tokenizer
 from microvlm.packed_weights import Int4Weight, Int8Weight, PackedBitLinear
+from microvlm.ternary_kernel import load_ternary_kernel, ternary_kernel_disabled
 from microvlm.train.callbacks import QuantisationWarmupCallback
 from microvlm.train.cli import main
 
@@ -36,7 +37,8 @@ with torch.no_grad():
     logits = model(**inputs).logits
 generated = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
 body = type(model.model.language_model.layers[0].mlp.up_proj).__name__
-torch.save({"logits": logits, "generated": generated, "body": body}, result_file)
+kernel = hasattr(torch.ops.microvlm_ternary, "linear")  # the folder's ternary_kernel.py built and ran it
+torch.save({"logits": logits, "generated": generated, "body": body, "kernel": kernel}, result_file)
 """
 
 
@@ -144,7 +146,8 @@ def test_packed_layer_is_bit_for_bit_its_bitlinear():
     packed = PackedBitLinear.from_bitlinear(layer)
     assert packed.weight.shape == (3, 40) and packed.weight.dtype == torch.uint8
     x = torch.randn(2, 7, 40)
-    assert torch.equal(packed(x), layer(x))
+    with ternary_kernel_disabled():  # the native kernel is equal up to float rounding (test_ternary_kernel.py)
+        assert torch.equal(packed(x), layer(x))
 
 
 def export_and_load(model, formats: WeightFormats, tmp_path: Path) -> tuple[dict, MicroVLMForCausalLM, dict]:
@@ -161,8 +164,9 @@ def export_and_load(model, formats: WeightFormats, tmp_path: Path) -> tuple[dict
 def test_ternary_export_loads_offline_and_equals_the_qat_model(tmp_path):
     model = qat_model()
     result, _, inputs = export_and_load(model, EXACT, tmp_path)
-    assert result["body"] == "PackedBitLinear"
-    assert torch.equal(result["logits"], model(**inputs).logits)  # same operations on the same values
+    assert result["body"] == "PackedBitLinear" and result["kernel"] == (load_ternary_kernel() is not None)
+    # The loaded model runs the native kernel: float rounding can move an int8 activation code by one step.
+    torch.testing.assert_close(result["logits"], model(**inputs).logits, rtol=0, atol=1e-2)
     expected = model.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
     assert torch.equal(result["generated"], expected)
 

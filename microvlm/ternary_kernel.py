@@ -1,0 +1,287 @@
+"""A native CPU kernel for `PackedBitLinear`: ternary weights × per-token int8 activations, in integers.
+
+For activations x (M, K) and the packed weight of an (N, K) ternary layer (`bitnet.pack_ternary`'s layout: byte
+(j, c) holds the codes t + 1 ∈ {0, 1, 2} of rows j, j + R, j + 2R, j + 3R of column c, R = ceil(N / 4)):
+
+    a_m = max(max_c |x_mc|, eps),  q_mc = clamp(round(x_mc · Q / a_m), −Q − 1, Q)   (`quantise_activations`)
+    y_mr = (Σ_c t_rc q_mc) · (a_m / Q) / g + b_r,   Σ_c t_rc q_mc = Σ_c (t_rc + 1) q_mc − Σ_c q_mc
+
+so the inner loop multiplies the stored unsigned codes by signed int8 activations (AVX2 `vpmaddubsw`, 32 products
+per instruction, summed in int16 for 32 steps and widened with `vpmaddwd`) and one row sum per token corrects for
+the +1. The integer dot product is exact; the output differs from the float reference (unpacked W_q times the
+dequantised x_q, `PackedBitLinear`'s PyTorch path) by float rounding only. Threads (`at::parallel_for`, torch's
+intra-op pool) split the packed rows; tokens are taken in pairs so that each byte of weights is unpacked once per
+two tokens, and in blocks of 64 so that a block's activations stay in cache.
+
+The C++ source is embedded below so that it travels with the remote code of an exported folder (transformers
+copies the `.py` files a model's code imports, nothing else). It is compiled on first use through
+`torch.utils.cpp_extension.load_inline` (g++ and ninja; `pip install ninja` provides the latter) into torch's
+extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2` where torch reports
+AVX2 and as portable scalar C++ elsewhere. When it cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers
+get `None` from `load_ternary_kernel` (one warning) and keep the PyTorch path: same results up to float rounding.
+
+This module is shipped as Hugging Face remote code: it depends on torch only.
+"""
+
+import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+logger = logging.getLogger(__name__)
+
+ENVIRONMENT_SWITCH = "MICROVLM_TERNARY_KERNEL"
+
+KERNEL_SOURCE = r"""
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr float kEps = 1e-5f;      // bitnet.EPS
+constexpr int64_t kTokenBlock = 64;  // tokens whose int8 activations share the cache while rows go by
+
+// Per-token absmax quantisation with bitnet.quantise_activations' float32 arithmetic: q = clamp(round(x * Q / a)).
+void quantise_tokens(const float* x, int64_t tokens, int64_t cols, int64_t levels, int8_t* q, float* absmax,
+                     int32_t* sums) {
+  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t m = begin; m < end; ++m) {
+      const float* row = x + m * cols;
+      float a = 0.f;
+      for (int64_t c = 0; c < cols; ++c) a = std::max(a, std::fabs(row[c]));
+      a = std::max(a, kEps);
+      const float level = static_cast<float>(levels);
+      int32_t sum = 0;
+      for (int64_t c = 0; c < cols; ++c) {
+        const float v = std::nearbyint(row[c] * level / a);
+        const int32_t code = static_cast<int32_t>(std::min(std::max(v, -level - 1.f), level));
+        q[m * cols + c] = static_cast<int8_t>(code);
+        sum += code;
+      }
+      absmax[m] = a;
+      sums[m] = sum;
+    }
+  });
+}
+
+#if defined(__AVX2__)
+inline int32_t horizontal_sum(__m256i v) {
+  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+  return _mm_cvtsi128_si32(s);
+}
+#endif
+
+// dots[t][k] = sum_c code_k(w[c]) * q[t * cols + c] for T tokens; code_k = bits 2k..2k+1 of byte w[c].
+template <int T>
+void code_dots(const uint8_t* w, const int8_t* q, int64_t cols, int32_t dots[T][4]) {
+  int64_t c = 0;
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < 4; ++k) dots[t][k] = 0;
+#if defined(__AVX2__)
+  const __m256i mask = _mm256_set1_epi8(3);
+  const __m256i ones = _mm256_set1_epi16(1);
+  // An int16 lane gains at most 2 * 3 * 128 = 768 per step: 32 steps stay below 32767.
+  constexpr int64_t kBlock = 32 * 32;
+  const int64_t vector_end = cols / 32 * 32;
+  __m256i wide[T][4];
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < 4; ++k) wide[t][k] = _mm256_setzero_si256();
+  while (c < vector_end) {
+    const int64_t block_end = std::min(vector_end, c + kBlock);
+    __m256i part[T][4];
+    for (int t = 0; t < T; ++t)
+      for (int k = 0; k < 4; ++k) part[t][k] = _mm256_setzero_si256();
+    for (; c < block_end; c += 32) {
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + c));
+      const __m256i codes[4] = {
+          _mm256_and_si256(bytes, mask), _mm256_and_si256(_mm256_srli_epi16(bytes, 2), mask),
+          _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask), _mm256_and_si256(_mm256_srli_epi16(bytes, 6), mask)};
+      for (int t = 0; t < T; ++t) {
+        const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * cols + c));
+        for (int k = 0; k < 4; ++k) part[t][k] = _mm256_add_epi16(part[t][k], _mm256_maddubs_epi16(codes[k], a));
+      }
+    }
+    for (int t = 0; t < T; ++t)
+      for (int k = 0; k < 4; ++k) wide[t][k] = _mm256_add_epi32(wide[t][k], _mm256_madd_epi16(part[t][k], ones));
+  }
+  for (int t = 0; t < T; ++t)
+    for (int k = 0; k < 4; ++k) dots[t][k] = horizontal_sum(wide[t][k]);
+#endif
+  for (; c < cols; ++c) {
+    const int32_t byte = w[c];
+    for (int k = 0; k < 4; ++k) {
+      const int32_t code = (byte >> (2 * k)) & 3;
+      for (int t = 0; t < T; ++t) dots[t][k] += code * q[t * cols + c];
+    }
+  }
+}
+
+at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+                          const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias, int64_t bits) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "ternary_linear: x must be a contiguous float32 CPU tensor (tokens, in_features)");
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
+                  packed.size(0) == (out_features + 3) / 4 && packed.size(1) == x.size(1),
+              "ternary_linear: packed must be contiguous uint8 (ceil(out_features / 4), in_features)");
+  TORCH_CHECK(bits >= 2 && bits <= 8, "ternary_linear: activation bits must lie in [2, 8]");
+  const int64_t tokens = x.size(0), cols = x.size(1), packed_rows = packed.size(0);
+  const int64_t levels = (int64_t{1} << (bits - 1)) - 1;
+  auto q = at::empty({tokens, cols}, x.options().dtype(at::kChar));
+  auto absmax = at::empty({tokens}, x.options());
+  auto sums = at::empty({tokens}, x.options().dtype(at::kInt));
+  quantise_tokens(x.data_ptr<float>(), tokens, cols, levels, q.data_ptr<int8_t>(), absmax.data_ptr<float>(),
+                  sums.data_ptr<int32_t>());
+  const float inverse_scale = weight_scale.to(at::kFloat).item<float>();
+  auto out = at::empty({tokens, out_features}, x.options());
+  float* y = out.data_ptr<float>();
+  const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
+  const float* b = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const int8_t* qs = q.data_ptr<int8_t>();
+  const float* a = absmax.data_ptr<float>();
+  const int32_t* s = sums.data_ptr<int32_t>();
+  auto store = [&](int64_t j, int64_t m, const int32_t dots[4]) {
+    const float token_scale = a[m] / static_cast<float>(levels);
+    for (int k = 0; k < 4; ++k) {
+      const int64_t r = j + k * packed_rows;
+      if (r < out_features)
+        y[m * out_features + r] = static_cast<float>(dots[k] - s[m]) * token_scale / inverse_scale + (b ? b[r] : 0.f);
+    }
+  };
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, packed_rows, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t block = 0; block < tokens; block += kTokenBlock) {
+      const int64_t block_end = std::min(tokens, block + kTokenBlock);
+      for (int64_t j = begin; j < end; ++j) {
+        const uint8_t* row = w + j * cols;
+        int64_t m = block;
+        for (; m + 2 <= block_end; m += 2) {
+          int32_t dots[2][4];
+          code_dots<2>(row, qs + m * cols, cols, dots);
+          store(j, m, dots[0]);
+          store(j, m + 1, dots[1]);
+        }
+        for (; m < block_end; ++m) {
+          int32_t dots[1][4];
+          code_dots<1>(row, qs + m * cols, cols, dots);
+          store(j, m, dots[0]);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(microvlm_ternary, m) {
+  m.def("linear(Tensor x, Tensor packed, int out_features, Tensor weight_scale, Tensor? bias, int bits) -> Tensor");
+  m.impl("linear", c10::DispatchKey::CPU, &ternary_linear);
+}
+"""
+
+_state: dict[str, object] = {}
+
+
+def kernel_flags() -> list[str]:
+    """Compiler flags for this CPU: AVX2 where torch reports it (AVX2 or AVX-512 capability), else portable C++."""
+    flags = ["-O3"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags.append("-mavx2")
+    return flags
+
+
+def build_kernel() -> None:
+    """Compile (or find in torch's extension cache) and load the kernel; registers `torch.ops.microvlm_ternary`.
+
+    Raises:
+        `RuntimeError` or `OSError`: when no compiler or ninja is available, or compilation fails.
+    """
+    from torch.utils import cpp_extension
+
+    path = os.environ.get("PATH", "")
+    try:
+        import ninja  # the pip package's binary is not on PATH when the venv is not activated
+
+        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path}"
+    except ImportError:
+        pass
+    try:
+        flags = kernel_flags()
+        cpp_extension.load_inline(
+            f"microvlm_ternary_{'avx2' if '-mavx2' in flags else 'portable'}",
+            KERNEL_SOURCE,
+            extra_cflags=flags,
+            is_python_module=False,
+            no_implicit_headers=True,
+        )
+    finally:
+        os.environ["PATH"] = path
+
+
+def load_ternary_kernel() -> object | None:
+    """`torch.ops.microvlm_ternary.linear`, built on first call; `None` (one warning) when it cannot be built or
+    `MICROVLM_TERNARY_KERNEL=0` switches it off, so that callers keep their PyTorch path."""
+    if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
+        return None
+    if "kernel" not in _state:
+        try:
+            build_kernel()
+            _state["kernel"] = torch.ops.microvlm_ternary.linear
+        except (RuntimeError, OSError, ImportError) as error:
+            logger.warning(
+                "ternary kernel: could not build the native CPU kernel (%s); ternary layers use the pure-PyTorch "
+                "path (same results, slower). Install g++ and ninja (pip install ninja) to get it, or set %s=0 to "
+                "silence this.",
+                " ".join(str(error).split())[-400:],
+                ENVIRONMENT_SWITCH,
+            )
+            _state["kernel"] = None
+    return _state["kernel"]
+
+
+@contextmanager
+def ternary_kernel_disabled() -> Iterator[None]:
+    """Within the block, ternary layers take the pure-PyTorch path (for comparisons and tests)."""
+    previous = os.environ.get(ENVIRONMENT_SWITCH)
+    os.environ[ENVIRONMENT_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[ENVIRONMENT_SWITCH]
+        else:
+            os.environ[ENVIRONMENT_SWITCH] = previous
+
+
+def ternary_linear(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    out_features: int,
+    weight_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor | None:
+    """y (..., out_features) = the kernel's x_q · W_qᵀ + b in x's dtype, for x (..., in_features) on the CPU and
+    `packed` (ceil(out_features / 4), in_features) uint8; `None` when the kernel is unavailable or does not apply
+    (not CPU, activation bits outside [2, 8], or a gradient is wanted), so the caller computes it in PyTorch."""
+    if x.device.type != "cpu" or bits is None or not 2 <= bits <= 8 or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    kernel = load_ternary_kernel()
+    if kernel is None:
+        return None
+    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = kernel(flat, packed.contiguous(), out_features, weight_scale, bias, bits)
+    return y.view(*x.shape[:-1], out_features).to(x.dtype)

@@ -1,0 +1,106 @@
+"""The native ternary kernel (`microvlm/ternary_kernel.py`) against the float reference, inside exported models, and
+its fallback to the PyTorch path."""
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from microvlm import MicroVLMConfig, MicroVLMForCausalLM, ternary_kernel
+from microvlm.bitnet import BitLinear, pack_ternary, quantise_activations, unpack_ternary
+from microvlm.export import WeightFormats, write_export
+from microvlm.packed_weights import PackedBitLinear
+from microvlm.ternary_kernel import load_ternary_kernel, ternary_kernel_disabled, ternary_linear
+
+from .conftest import make_inputs
+
+
+@pytest.fixture
+def kernel():
+    built = load_ternary_kernel()
+    if built is None:
+        pytest.skip("the native ternary kernel could not be built here (see the warning); the fallback is tested")
+    return built
+
+
+def reference(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, rows: int, bias, bits: int):
+    """Unpacked ternary W_q times the int8-quantised activations, in float64."""
+    weight = unpack_ternary(packed, scale, rows).double()
+    y = quantise_activations(x, bits).double() @ weight.T
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize(
+    ("shape", "rows", "bias", "bits"),
+    [
+        ((1, 896), 10, True, 8),  # one token, a row count that is not a multiple of 4
+        ((2, 3, 37), 5, False, 8),  # batch × sequence, columns that are not a multiple of 32
+        ((5, 2100), 13, True, 8),  # several int16 blocks of 1024 columns plus a tail; an odd token count
+        ((130, 70), 9, True, 4),  # more tokens than a 64-token block, 4-bit activations
+    ],
+)
+def test_kernel_equals_the_reference_within_float_rounding(kernel, shape, rows, bias, bits):
+    torch.manual_seed(0)
+    x = torch.randn(*shape) * 3
+    x[0, ...] = 0  # an all-zero token: the absmax clamps at eps
+    packed, scale = pack_ternary(torch.randn(rows, shape[-1]))
+    b = torch.randn(rows) if bias else None
+    y = ternary_linear(x, packed, rows, scale, b, bits)
+    expected = reference(x, packed, scale, rows, b, bits)
+    assert y.shape == (*shape[:-1], rows) and y.dtype == torch.float32
+    # The integer dot product is exact; three float32 operations remain (scale, 1 / g, bias).
+    torch.testing.assert_close(y.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+
+
+def test_kernel_keeps_bfloat16_and_rejects_a_bad_packed_shape(kernel):
+    torch.manual_seed(0)
+    x = torch.randn(3, 64, dtype=torch.bfloat16)
+    packed, scale = pack_ternary(torch.randn(8, 64))
+    y = ternary_linear(x, packed, 8, scale, None, 8)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), reference(x.float(), packed, scale, 8, None, 8), rtol=1e-2, atol=1e-2)
+    with pytest.raises(RuntimeError, match=r"ceil\(out_features / 4\)"):
+        kernel(x.float(), packed, 20, scale, None, 8)
+
+
+def test_packed_layer_uses_the_kernel_only_where_it_applies(kernel):
+    torch.manual_seed(0)
+    layer = PackedBitLinear.from_bitlinear(BitLinear(48, 11))
+    x = torch.randn(2, 4, 48)
+    with ternary_kernel_disabled():
+        fallback = layer(x)
+    torch.testing.assert_close(layer(x), fallback, rtol=1e-5, atol=1e-5)
+    assert ternary_linear(x.requires_grad_(), layer.weight, 11, layer.weight_scale, None, 8) is None
+    assert ternary_linear(x, layer.weight, 11, layer.weight_scale, None, None) is None
+
+
+def test_an_unbuildable_kernel_warns_once_and_falls_back(monkeypatch, caplog):
+    def no_compiler() -> None:
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(ternary_kernel, "_state", {})
+    monkeypatch.setattr(ternary_kernel, "build_kernel", no_compiler)
+    torch.manual_seed(0)
+    bitlinear = BitLinear(32, 6).eval()
+    layer, x = PackedBitLinear.from_bitlinear(bitlinear), torch.randn(3, 32)
+    with caplog.at_level(logging.WARNING, logger=ternary_kernel.__name__):
+        first, second = layer(x), layer(x)
+    assert [record.message.count("pip install ninja") for record in caplog.records] == [1]
+    assert torch.equal(first, bitlinear(x)) and torch.equal(second, first)
+
+
+@torch.no_grad()
+def test_exported_model_generates_the_same_tokens_with_and_without_the_kernel(kernel, tmp_path):
+    torch.manual_seed(0)
+    config = MicroVLMConfig.from_preset("tiny", lm_use_bitnet=True, memory_use_bitnet=True, use_memory=True)
+    model = MicroVLMForCausalLM(config).eval()
+    packed = write_export(copy.deepcopy(model), None, tmp_path, WeightFormats()).eval()
+    assert (tmp_path / "ternary_kernel.py").is_file()  # shipped with the remote code
+    inputs = make_inputs(config, [5, 3])
+    with_kernel = packed.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    with ternary_kernel_disabled():
+        without = packed.generate(**inputs, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+        logits = packed(**inputs).logits
+    assert torch.equal(with_kernel, without)
+    torch.testing.assert_close(packed(**inputs).logits, logits, rtol=0, atol=1e-2)
