@@ -25,6 +25,7 @@ This module is shipped as Hugging Face remote code: it depends on torch only.
 
 import logging
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -212,12 +213,8 @@ def build_kernel() -> None:
     from torch.utils import cpp_extension
 
     path = os.environ.get("PATH", "")
-    try:
-        import ninja  # the pip package's binary is not on PATH when the venv is not activated
-
-        os.environ["PATH"] = f"{ninja.BIN_DIR}{os.pathsep}{path}"
-    except ImportError:
-        pass
+    # `pip install ninja` puts its binary beside the interpreter, which is not on PATH when the venv is not active.
+    os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{path}"
     try:
         flags = kernel_flags()
         cpp_extension.load_inline(
