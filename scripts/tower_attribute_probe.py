@@ -13,22 +13,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
+import datasets
 import torch
 from torch import nn
 from transformers import AutoModel, HfArgumentParser
 
 from microvlm import MicroVLMConfig, MicroVLMProcessor
-from microvlm.data.synthetic_shapes import (
-    ATTRIBUTES,
-    COLOURS,
-    COUNTS,
-    HELD_OUT_PAIRS,
-    POSITIONS,
-    SHAPES,
-    TRAIN_PAIRS,
-    render_image,
-)
+from microvlm.data.synthetic_shapes import ATTRIBUTES, COLOURS, COUNTS, POSITIONS, SHAPES, build_synthetic_dataset
 
 
 logger = logging.getLogger("tower_attribute_probe")
@@ -50,25 +41,22 @@ class ProbeArguments:
     threads: int = 1
 
 
-def images_and_labels(
-    count: int, pairs: tuple[tuple[str, str], ...], seed: int, processor: MicroVLMProcessor, size: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """`count` images of colour–shape pairs drawn from `pairs` → pixel values (N, 3, H, W) and labels (N, 4), one
-    column per attribute (index into `VALUES`)."""
-    rng = np.random.default_rng(seed)
-    images, labels = [], []
-    for _ in range(count):
-        colour, shape = pairs[rng.integers(len(pairs))]
-        attributes = {
-            "colour": colour,
-            "shape": shape,
-            "count": int(rng.integers(1, 5)),
-            "position": VALUES["position"][rng.integers(5)],
-        }
-        images.append(render_image(**attributes, image_size=size, rng=rng))
-        labels.append([VALUES[name].index(attributes[name]) for name in ATTRIBUTES])
-    pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+def images_and_labels(rows: datasets.Dataset, processor: MicroVLMProcessor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Caption rows of the built-in set → pixel values (N, 3, H, W) and labels (N, 4), one column per attribute
+    (index into `VALUES`)."""
+    pixels = processor.image_processor(list(rows["image"]), return_tensors="pt")["pixel_values"]
+    labels = [[VALUES[name].index(row[name]) for name in ATTRIBUTES] for row in rows]
     return pixels, torch.tensor(labels)
+
+
+def shapes_split(
+    split: str, count: int, held_out_fraction: float, args: ProbeArguments, size: int
+) -> datasets.Dataset:
+    """`count` caption rows of the built-in set's `split`, drawn as the VLM's training and test data are."""
+    sizes = {"num_train": 0, "num_validation": 0, "num_test": 0, f"num_{split}": count}
+    return build_synthetic_dataset(
+        **sizes, image_size=size, seed=args.seed, kinds=("caption",), held_out_fraction=held_out_fraction
+    )[split]
 
 
 def main() -> None:
@@ -84,10 +72,10 @@ def main() -> None:
     tower = AutoModel.from_config(vision_config, **config.vision_tower_kwargs)
     processor = MicroVLMProcessor.from_preset(args.preset)
     size = vision_config.image_size
-    train = images_and_labels(args.num_train, TRAIN_PAIRS, args.seed + 1, processor, size)
-    tests = {
-        "seen pairs": images_and_labels(args.num_test, TRAIN_PAIRS, args.seed + 2, processor, size),
-        "held-out pairs": images_and_labels(args.num_test, HELD_OUT_PAIRS, args.seed + 3, processor, size),
+    train = images_and_labels(shapes_split("train", args.num_train, 0.0, args, size), processor)
+    tests = {  # the validation split's draws for seen pairs, the test split's for held-out ones
+        "seen pairs": images_and_labels(shapes_split("validation", args.num_test, 0.0, args, size), processor),
+        "held-out pairs": images_and_labels(shapes_split("test", args.num_test, 1.0, args, size), processor),
     }
 
     def pooled(pixels: torch.Tensor) -> torch.Tensor:
