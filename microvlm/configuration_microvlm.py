@@ -10,7 +10,9 @@ import math
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoModel, PretrainedConfig
+
+from .two_stream_vision import TwoStreamVisionConfig, TwoStreamVisionModel
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -21,6 +23,11 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_microvlm.MicroVLMForCausalLM",
 }
 ALIGNMENT_IMAGE_SOURCES = ("cls", "prefix")
+
+# The package's own vision towers, registered here so that `vision_config` resolves (AutoConfig) and builds
+# (AutoModel) also where only the remote code saved beside a model's config.json is loaded.
+AutoConfig.register(TwoStreamVisionConfig.model_type, TwoStreamVisionConfig, exist_ok=True)
+AutoModel.register(TwoStreamVisionConfig, TwoStreamVisionModel, exist_ok=True)
 
 
 def _as_sub_config(value: "dict | PretrainedConfig | None", default_model_type: str, field: str) -> PretrainedConfig:
