@@ -12,6 +12,10 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
+# Registers model_type "repvit" with AutoConfig, so that `vision_config={"model_type": "repvit", ...}` resolves
+# through `AutoConfig.for_model` in a remote-code folder too, where the `microvlm` package is not imported.
+from .repvit import RepViTConfig  # noqa: F401
+
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MAP = {
