@@ -215,6 +215,13 @@ def test_timm_state_dict_renames_onto_every_tower_tensor(values):
     assert all(torch.equal(ours[name], tensor) for name, tensor in renamed.items())
 
 
+def test_a_tower_cut_after_stage_3_loads_the_first_three_stages_of_a_timm_checkpoint():
+    """The README's 14×14 map of M0.9 at 224 px: list three stages, keep the keys that are not stage 4's."""
+    renamed = repvit_state_dict_from_timm(timm_repvit_state_dict(M0_9["hidden_sizes"], M0_9["depths"]))
+    model = RepViTModel(RepViTConfig(hidden_sizes=[48, 96, 192], depths=[2, 2, 14]))
+    model.load_state_dict({k: v for k, v in renamed.items() if not k.startswith("stages.3.")}, strict=True)
+
+
 def test_legacy_timm_checkpoints_are_refused_by_name():
     legacy = {"stages.0.blocks.0.token_mixer.conv1.c.weight": torch.zeros(48, 1, 1, 1)}
     with pytest.raises(ValueError, match="legacy"):
