@@ -264,6 +264,29 @@ class RepViTStage(nn.Module):
         return hidden_states
 
 
+class RepViTEncoder(nn.Module):
+    """The stages in order, (B, C0, H/4, W/4) → (B, C_last, H/s, W/s) with s = `config.patch_size`."""
+
+    def __init__(self, config: RepViTConfig):
+        super().__init__()
+        widths = [config.hidden_sizes[0], *config.hidden_sizes]
+        self.stages = nn.ModuleList(
+            RepViTStage(widths[index], widths[index + 1], depth, config, downsample=index > 0)
+            for index, depth in enumerate(config.depths)
+        )
+
+    def forward(
+        self, hidden_states: torch.Tensor, output_hidden_states: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The last stage's map and, with `output_hidden_states`, every stage's map (else an empty tuple)."""
+        all_hidden_states = ()
+        for stage in self.stages:
+            hidden_states = stage(hidden_states)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+        return hidden_states, all_hidden_states
+
+
 class RepViTPreTrainedModel(PreTrainedModel):
     config_class = RepViTConfig
     config: RepViTConfig
@@ -297,11 +320,7 @@ class RepViTModel(RepViTPreTrainedModel):
     def __init__(self, config: RepViTConfig):
         super().__init__(config)
         self.embeddings = RepViTEmbeddings(config)
-        widths = [config.hidden_sizes[0], *config.hidden_sizes]
-        self.stages = nn.ModuleList(
-            RepViTStage(widths[index], widths[index + 1], depth, config, downsample=index > 0)
-            for index, depth in enumerate(config.depths)
-        )
+        self.encoder = RepViTEncoder(config)  # `encoder.stages`, where ResNet keeps its stages too
         self.post_init()
 
     def forward(
@@ -317,12 +336,9 @@ class RepViTModel(RepViTPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         return_dict = return_dict if return_dict is not None else self.config.return_dict
-        hidden_states = self.embeddings(pixel_values)
-        all_hidden_states = (hidden_states,) if output_hidden_states else None
-        for stage in self.stages:
-            hidden_states = stage(hidden_states)
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
+        embedded = self.embeddings(pixel_values)
+        hidden_states, stage_maps = self.encoder(embedded, output_hidden_states)
+        all_hidden_states = (embedded, *stage_maps) if output_hidden_states else None
         pooled = hidden_states.mean((2, 3))
         if not return_dict:
             return tuple(v for v in (hidden_states, pooled, all_hidden_states) if v is not None)
@@ -334,6 +350,7 @@ class RepViTModel(RepViTPreTrainedModel):
 # timm `repvit.py` name → RepViTModel name, applied in order to each key (the classifier `head.*` is dropped).
 TIMM_KEY_RENAMES = (
     (r"^stem\.conv(\d)\.", r"embeddings.convolution\1."),
+    (r"^stages\.", "encoder.stages."),
     (r"\.blocks\.", ".layers."),
     (r"\.spatial_downsample\.", ".spatial."),
     (r"\.channel_downsample\.", ".channel."),

@@ -8,6 +8,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM, RepViTConfig, RepViTModel, repvit_state_dict_from_timm
+from microvlm.train.cli import freeze_for_stage
 
 from .conftest import make_inputs
 
@@ -126,7 +127,7 @@ def test_gradients_reach_every_parameter_and_the_pixels():
 def test_fresh_residual_branches_start_silent():
     """Channel mixers end at γ = 0 (timm's `bn_weight_init=0`): a fresh block is its token mixer (and SE) alone."""
     model = RepViTModel(tiny_config()).eval()
-    block = model.stages[0].layers[0]
+    block = model.encoder.stages[0].layers[0]
     x = torch.randn(1, 32, 16, 16)
     with torch.no_grad():
         assert torch.equal(block.channel_mixer(x), torch.zeros_like(x))
@@ -219,7 +220,7 @@ def test_a_tower_cut_after_stage_3_loads_the_first_three_stages_of_a_timm_checkp
     """The README's 14×14 map of M0.9 at 224 px: list three stages, keep the keys that are not stage 4's."""
     renamed = repvit_state_dict_from_timm(timm_repvit_state_dict(M0_9["hidden_sizes"], M0_9["depths"]))
     model = RepViTModel(RepViTConfig(hidden_sizes=[48, 96, 192], depths=[2, 2, 14]))
-    model.load_state_dict({k: v for k, v in renamed.items() if not k.startswith("stages.3.")}, strict=True)
+    model.load_state_dict({k: v for k, v in renamed.items() if not k.startswith("encoder.stages.3.")}, strict=True)
 
 
 def test_legacy_timm_checkpoints_are_refused_by_name():
@@ -262,3 +263,13 @@ def test_microvlm_with_a_repvit_tower_reads_its_map_as_patches_and_generates():
     assert not torch.allclose(logits[:, -1], other[:, -1])  # the answer depends on the image
     generated = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
     assert generated.shape == (2, inputs["input_ids"].shape[1] + 4)
+
+
+def test_trainable_vision_layers_count_the_towers_stages_from_the_end():
+    config = MicroVLMConfig.from_preset("tiny", vision_config=TINY_REPVIT, vision_num_patches=None)
+    with torch.device("meta"):
+        model = MicroVLMForCausalLM(config)
+    counts = freeze_for_stage(model, ["adapter"], trainable_lm_layers=0, trainable_vision_layers=1)
+    tower = model.model.vision_tower
+    assert counts["vision"] == count(tower.encoder.stages[-1])
+    assert all(param.requires_grad == name.startswith("encoder.stages.2.") for name, param in tower.named_parameters())
