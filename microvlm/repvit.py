@@ -6,8 +6,8 @@ RepViT is a MobileNetV3-style network restructured like a ViT: every block separ
 depthwise convolution that is re-parameterisable: in training it is BN(BN(dw3×3(x)) + dw1×1(x) + x), three branches
 that fold into one 3×3 convolution for inference) from a *channel mixer* (a residual 1×1 → GELU → 1×1 MLP), with a
 squeeze-and-excitation on every other block. The layout (stem of two stride-2 3×3 convolutions, stages joined by
-downsample blocks, SE on blocks 0, 2, 4, … of each stage) and the parameter names' structure follow timm's
-`repvit.py`, so that [`repvit_state_dict_from_timm`] maps a timm checkpoint onto this model key for key.
+downsample blocks, SE on blocks 0, 2, 4, … of each stage) and the module tree follow timm's `repvit.py`, so that
+[`repvit_state_dict_from_timm`] maps a timm checkpoint onto this model key for key.
 
 Importing this module registers the config and model with `AutoConfig`/`AutoModel`, so that
 `AutoModel.from_config(RepViTConfig(...))` builds the tower, and a MicroVLM whose `vision_config` has
@@ -31,9 +31,9 @@ class RepViTConfig(PretrainedConfig):
 
     Args:
         num_channels (`int`): channels of the input images.
-        image_size (`int`): side of the square images the tower is built for. The tower is fully convolutional and
-            runs at any size; `image_size` only sets [`patch_size`]'s companion figure, the map side
-            `ceil(image_size / patch_size)` (7 for 224 px with four stages).
+        image_size (`int`): side of the square images MicroVLM gives the tower; the output map is
+            `image_size // patch_size` positions a side (7 at 224 px with four stages), so it must be a multiple of
+            `patch_size`. The tower itself is fully convolutional and runs at any size (sides round up).
         hidden_sizes (`list[int]`): width of each stage (M0.9: 48, 96, 192, 384). The stem ends at
             `hidden_sizes[0]` (through `hidden_sizes[0] // 2`); the model returns the last stage's map, whose
             width `hidden_sizes[-1]` is what MicroVLM reads as the vision width. To read an earlier, finer map
@@ -72,6 +72,11 @@ class RepViTConfig(PretrainedConfig):
         self.se_ratio = se_ratio
         self.hidden_act = hidden_act
         self.batch_norm_eps = batch_norm_eps
+        if "patch_size" in kwargs:
+            raise ValueError(
+                "RepViTConfig.patch_size is not a setting: it is the tower's stride, 4 · 2^(len(hidden_sizes) - 1). "
+                "Change hidden_sizes and depths to change it."
+            )
         super().__init__(**kwargs)
         self._validate()
 
@@ -105,6 +110,12 @@ class RepViTConfig(PretrainedConfig):
             raise ValueError(f"RepViTConfig.hidden_act={self.hidden_act!r} is not one of transformers' ACT2FN names")
         if self.batch_norm_eps <= 0:
             raise ValueError(f"RepViTConfig.batch_norm_eps must be > 0, got {self.batch_norm_eps}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"RepViTConfig.image_size={self.image_size} must be a multiple of the tower's stride "
+                f"{self.patch_size} ({len(self.hidden_sizes)} stages), so that the map has image_size // stride "
+                "positions a side, the patch count MicroVLMConfig derives"
+            )
 
     @property
     def patch_size(self) -> int:

@@ -240,8 +240,10 @@ def test_legacy_timm_checkpoints_are_refused_by_name():
         ({"se_ratio": 1.5}, "se_ratio"),
         ({"mlp_ratio": 0}, "mlp_ratio"),
         ({"image_size": -64}, "image_size"),
+        ({"image_size": 72}, "image_size"),  # not a multiple of the stride, 16
         ({"hidden_act": "swishy"}, "hidden_act"),
         ({"batch_norm_eps": 0.0}, "batch_norm_eps"),
+        ({"patch_size": 16}, "patch_size"),  # derived from the stages, not set
     ],
 )
 def test_bad_settings_fail_with_a_message_naming_the_field(overrides, field):
