@@ -12,9 +12,7 @@ from typing import Any
 
 from transformers import AutoConfig, PretrainedConfig
 
-# Registers model_type "repvit" with AutoConfig, so that `vision_config={"model_type": "repvit", ...}` resolves
-# through `AutoConfig.for_model` in a remote-code folder too, where the `microvlm` package is not imported.
-from .repvit import RepViTConfig  # noqa: F401
+from .repvit import RepViTConfig
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -25,6 +23,9 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_microvlm.MicroVLMForCausalLM",
 }
 ALIGNMENT_IMAGE_SOURCES = ("cls", "prefix")
+# Sub-config model types whose code ships beside this module: a saved folder resolves them to its own copy (and
+# works where the `microvlm` package is not installed), whatever another copy registered with AutoConfig.
+SHIPPED_CONFIGS = {RepViTConfig.model_type: RepViTConfig}
 
 
 def _as_sub_config(value: "dict | PretrainedConfig | None", default_model_type: str, field: str) -> PretrainedConfig:
@@ -37,6 +38,8 @@ def _as_sub_config(value: "dict | PretrainedConfig | None", default_model_type: 
         raise TypeError(f"MicroVLMConfig.{field} must be a dict or a PretrainedConfig, got {type(value).__name__}")
     value = dict(value)
     model_type = value.pop("model_type", default_model_type)
+    if model_type in SHIPPED_CONFIGS:
+        return SHIPPED_CONFIGS[model_type](**value)
     return AutoConfig.for_model(model_type, **value)
 
 

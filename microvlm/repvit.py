@@ -10,8 +10,8 @@ downsample blocks, SE on blocks 0, 2, 4, … of each stage) and the module tree 
 [`repvit_state_dict_from_timm`] maps a timm checkpoint onto this model key for key.
 
 Importing this module registers the config and model with `AutoConfig`/`AutoModel`, so that
-`AutoModel.from_config(RepViTConfig(...))` builds the tower, and a MicroVLM whose `vision_config` has
-`"model_type": "repvit"` resolves it (the remote-code modules import this one).
+`AutoConfig.for_model("repvit")` and `AutoModel.from_config(RepViTConfig(...))` build the tower; a MicroVLM whose
+`vision_config` has `"model_type": "repvit"` resolves it through the remote-code modules, which import this one.
 """
 
 import re
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
@@ -400,7 +400,11 @@ def repvit_state_dict_from_timm(state_dict: dict[str, torch.Tensor]) -> dict[str
     return renamed
 
 
-AutoConfig.register(RepViTConfig.model_type, RepViTConfig, exist_ok=True)
+# The first copy imported keeps the name "repvit": a remote-code folder loaded in a process that imported the package
+# (or another folder) does not take it over. Its MicroVLM config resolves "repvit" to its own copy anyway (see
+# `configuration_microvlm.SHIPPED_CONFIGS`), and AutoModel maps each copy's config class to that copy's model.
+if RepViTConfig.model_type not in CONFIG_MAPPING:
+    AutoConfig.register(RepViTConfig.model_type, RepViTConfig)
 AutoModel.register(RepViTConfig, RepViTModel, exist_ok=True)
 
 __all__ = ["RepViTConfig", "RepViTModel", "RepViTPreTrainedModel", "repvit_state_dict_from_timm"]

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 from transformers import AutoConfig, AutoModel
+from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM, RepViTConfig, RepViTModel, repvit_state_dict_from_timm
 from microvlm.train.cli import freeze_for_stage
@@ -275,3 +276,18 @@ def test_trainable_vision_layers_count_the_towers_stages_from_the_end():
     tower = model.model.vision_tower
     assert counts["vision"] == count(tower.encoder.stages[-1])
     assert all(param.requires_grad == name.startswith("encoder.stages.2.") for name, param in tower.named_parameters())
+
+
+def test_a_folders_remote_code_imported_in_process_keeps_its_own_tower_and_leaves_the_registration(tmp_path):
+    """Importing a saved folder's modules (as `trust_remote_code` does) registers its copy of repvit.py: the name
+    "repvit" stays the package's, and the folder's MicroVLM builds its tower from the folder's copy."""
+    config = MicroVLMConfig.from_preset("tiny", vision_config=TINY_REPVIT, vision_num_patches=None)
+    MicroVLMForCausalLM(config).save_pretrained(tmp_path)
+    remote_class = get_class_from_dynamic_module("modeling_microvlm.MicroVLMForCausalLM", str(tmp_path))
+    assert remote_class is not MicroVLMForCausalLM
+    loaded = remote_class.from_pretrained(tmp_path)
+    tower = loaded.model.vision_tower
+    assert type(tower).__module__.startswith("transformers_modules") and type(tower) is not RepViTModel
+    assert type(loaded.config.vision_config) is type(tower).config_class
+    assert type(AutoConfig.for_model("repvit")) is RepViTConfig
+    assert type(MicroVLMConfig(vision_config=TINY_REPVIT).vision_config) is RepViTConfig
