@@ -14,6 +14,8 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 
 from .two_stream_vision import TwoStreamVisionConfig, TwoStreamVisionModel
 
+from .repvit import RepViTConfig
+
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 AUTO_MAP = {
@@ -23,6 +25,9 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_microvlm.MicroVLMForCausalLM",
 }
 ALIGNMENT_IMAGE_SOURCES = ("cls", "prefix")
+# Sub-config model types whose code ships beside this module: a saved folder resolves them to its own copy (and
+# works where the `microvlm` package is not installed), whatever another copy registered with AutoConfig.
+SHIPPED_CONFIGS = {RepViTConfig.model_type: RepViTConfig}
 
 # The package's own vision towers, registered here so that `vision_config` resolves (AutoConfig) and builds
 # (AutoModel) also where only the remote code saved beside a model's config.json is loaded.
@@ -40,6 +45,8 @@ def _as_sub_config(value: "dict | PretrainedConfig | None", default_model_type: 
         raise TypeError(f"MicroVLMConfig.{field} must be a dict or a PretrainedConfig, got {type(value).__name__}")
     value = dict(value)
     model_type = value.pop("model_type", default_model_type)
+    if model_type in SHIPPED_CONFIGS:
+        return SHIPPED_CONFIGS[model_type](**value)
     return AutoConfig.for_model(model_type, **value)
 
 
