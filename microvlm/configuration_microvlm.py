@@ -10,11 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, AutoModel, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, PretrainedConfig
 
+from .repvit import RepViTConfig, RepViTModel
 from .two_stream_vision import TwoStreamVisionConfig, TwoStreamVisionModel
-
-from .repvit import RepViTConfig
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -25,14 +24,16 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_microvlm.MicroVLMForCausalLM",
 }
 ALIGNMENT_IMAGE_SOURCES = ("cls", "prefix")
-# Sub-config model types whose code ships beside this module: a saved folder resolves them to its own copy (and
-# works where the `microvlm` package is not installed), whatever another copy registered with AutoConfig.
-SHIPPED_CONFIGS = {RepViTConfig.model_type: RepViTConfig}
-
-# The package's own vision towers, registered here so that `vision_config` resolves (AutoConfig) and builds
-# (AutoModel) also where only the remote code saved beside a model's config.json is loaded.
-AutoConfig.register(TwoStreamVisionConfig.model_type, TwoStreamVisionConfig, exist_ok=True)
-AutoModel.register(TwoStreamVisionConfig, TwoStreamVisionModel, exist_ok=True)
+# The package's own vision towers, whose code ships beside this module. A saved folder resolves their model types
+# to its own copies (SHIPPED_CONFIGS; so it works where the `microvlm` package is not installed, whatever another
+# copy registered with AutoConfig), and AutoModel maps each copy's config class to that copy's model. The first
+# copy imported keeps the name in AutoConfig: loading a folder's remote code in-process does not take it over.
+SHIPPED_TOWERS = {RepViTConfig: RepViTModel, TwoStreamVisionConfig: TwoStreamVisionModel}
+SHIPPED_CONFIGS = {config.model_type: config for config in SHIPPED_TOWERS}
+for _config, _model in SHIPPED_TOWERS.items():
+    if _config.model_type not in CONFIG_MAPPING:
+        AutoConfig.register(_config.model_type, _config)
+    AutoModel.register(_config, _model, exist_ok=True)
 
 
 def _as_sub_config(value: "dict | PretrainedConfig | None", default_model_type: str, field: str) -> PretrainedConfig:

@@ -9,9 +9,10 @@ squeeze-and-excitation on every other block. The layout (stem of two stride-2 3Ã
 downsample blocks, SE on blocks 0, 2, 4, â€¦ of each stage) and the module tree follow timm's `repvit.py`, so that
 [`repvit_state_dict_from_timm`] maps a timm checkpoint onto this model key for key.
 
-Importing this module registers the config and model with `AutoConfig`/`AutoModel`, so that
-`AutoConfig.for_model("repvit")` and `AutoModel.from_config(RepViTConfig(...))` build the tower; a MicroVLM whose
-`vision_config` has `"model_type": "repvit"` resolves it through the remote-code modules, which import this one.
+`configuration_microvlm.py` registers the config and model with `AutoConfig`/`AutoModel` (importing `microvlm`, or
+a saved folder's remote code, does), so that `AutoConfig.for_model("repvit")` and
+`AutoModel.from_config(RepViTConfig(...))` build the tower, and a MicroVLM `vision_config` with
+`"model_type": "repvit"` resolves to the copy of this module saved beside it.
 """
 
 import re
@@ -19,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
@@ -399,12 +400,5 @@ def repvit_state_dict_from_timm(state_dict: dict[str, torch.Tensor]) -> dict[str
         renamed[key] = tensor
     return renamed
 
-
-# The first copy imported keeps the name "repvit": a remote-code folder loaded in a process that imported the package
-# (or another folder) does not take it over. Its MicroVLM config resolves "repvit" to its own copy anyway (see
-# `configuration_microvlm.SHIPPED_CONFIGS`), and AutoModel maps each copy's config class to that copy's model.
-if RepViTConfig.model_type not in CONFIG_MAPPING:
-    AutoConfig.register(RepViTConfig.model_type, RepViTConfig)
-AutoModel.register(RepViTConfig, RepViTModel, exist_ok=True)
 
 __all__ = ["RepViTConfig", "RepViTModel", "RepViTPreTrainedModel", "repvit_state_dict_from_timm"]
