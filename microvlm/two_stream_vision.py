@@ -5,9 +5,10 @@ colour-specific, as in CLEVR-CoGenT), so it cannot name the shape of a colour–
 contrast stream is blind to hue by construction: it sees, for every pixel, how far the pixel's colour is from
 the image's median colour (its background, for objects on a plain or textured ground), scaled so that the
 farthest pixel is 1. A red triangle and a green triangle give it the same map, so the shape, count and position
-features it learns are the same for every colour, and the RGB stream is left to tell the colours apart.
+features it learns are the same for every colour. The RGB stream is left to tell the colours apart, and can see
+the image coarsened into blocks (`rgb_pool_factor`), too coarse to learn colour-specific shapes from.
 
-    pixels (B, 3, H, W) ─┬─► rgb stream ────────────────────────────► (B, C_rgb, h, w) ─┐
+    pixels (B, 3, H, W) ─┬─► coarse_view ─► rgb stream ──────────────► (B, C_rgb, h, w) ─┐
                          └─► contrast_map (B, 1, H, W) ─► contrast stream ─► (B, C_c, h, w) ─┴─► (B, C_rgb + C_c, h, w)
 
 Both streams are any convolutional `AutoModel` (e.g. transformers' ResNet) returning `last_hidden_state` maps of
@@ -15,6 +16,7 @@ the same spatial size; the contrast stream's config must take one input channel.
 """
 
 import torch
+from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutputWithPoolingAndNoAttention
 
@@ -27,6 +29,16 @@ def _stream_config(value: "dict | PretrainedConfig | None", field: str) -> Pretr
         raise TypeError(f"TwoStreamVisionConfig.{field} must be a dict or a PretrainedConfig, got {type(value)}")
     value = dict(value or {})
     return AutoConfig.for_model(value.pop("model_type", "resnet"), **value)
+
+
+def coarse_view(pixel_values: torch.Tensor, factor: int) -> torch.Tensor:
+    """Images (B, C, H, W) averaged over `factor` × `factor` blocks, each block's mean repeated over the block:
+    the same size, the colours and where they are, but no detail finer than a block. `factor` 1 returns the input.
+    """
+    if factor == 1:
+        return pixel_values
+    blocks = nn.functional.avg_pool2d(pixel_values, factor)
+    return nn.functional.interpolate(blocks, scale_factor=factor, mode="nearest")
 
 
 def contrast_map(pixel_values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -51,6 +63,10 @@ class TwoStreamVisionConfig(PretrainedConfig):
         contrast_config (`dict` or `PretrainedConfig`): the stream that sees the contrast map; must have
             `num_channels=1`.
         image_size (`int`): side of the square input images in pixels.
+        rgb_pool_factor (`int`): the RGB stream sees the image averaged over blocks of this many pixels a side
+            (`coarse_view`): enough to tell the colours and where they are, too coarse to learn shapes from, so
+            that shape is left to the contrast stream and cannot be learned as colour-specific appearances.
+            1: the full-resolution image. Must divide `image_size`.
     """
 
     model_type = "microvlm_two_stream"
@@ -61,12 +77,19 @@ class TwoStreamVisionConfig(PretrainedConfig):
         rgb_config: "dict | PretrainedConfig | None" = None,
         contrast_config: "dict | PretrainedConfig | None" = None,
         image_size: int = 64,
+        rgb_pool_factor: int = 1,
         **kwargs,
     ):
         self.rgb_config = _stream_config(rgb_config, "rgb_config")
         self.contrast_config = _stream_config(contrast_config or {"num_channels": 1}, "contrast_config")
         self.image_size = image_size
+        self.rgb_pool_factor = rgb_pool_factor
         super().__init__(**kwargs)
+        if rgb_pool_factor < 1 or image_size % rgb_pool_factor:
+            raise ValueError(
+                f"TwoStreamVisionConfig.rgb_pool_factor must be a positive divisor of image_size={image_size}, "
+                f"got {rgb_pool_factor}"
+            )
         if getattr(self.contrast_config, "num_channels", 1) != 1:
             raise ValueError(
                 "TwoStreamVisionConfig.contrast_config.num_channels must be 1 (the contrast map has one channel), "
@@ -97,7 +120,7 @@ class TwoStreamVisionModel(PreTrainedModel):
     def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPoolingAndNoAttention:
         """pixel_values (B, 3, H, W) → `last_hidden_state` (B, C_rgb + C_contrast, h, w), `pooler_output` its
         spatial mean (B, C_rgb + C_contrast)."""
-        rgb = self.rgb(pixel_values=pixel_values).last_hidden_state
+        rgb = self.rgb(pixel_values=coarse_view(pixel_values, self.config.rgb_pool_factor)).last_hidden_state
         contrast = self.contrast(pixel_values=contrast_map(pixel_values)).last_hidden_state
         if rgb.shape[2:] != contrast.shape[2:]:
             raise ValueError(

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoConfig, AutoModel
 
 from microvlm import MicroVLMConfig
-from microvlm.two_stream_vision import TwoStreamVisionConfig, TwoStreamVisionModel, contrast_map
+from microvlm.two_stream_vision import TwoStreamVisionConfig, TwoStreamVisionModel, coarse_view, contrast_map
 
 
 def stream(channels: int, widths: list[int]) -> dict:
@@ -52,14 +52,28 @@ def test_contrast_map_is_the_same_silhouette_whatever_the_colour_of_the_shapes()
     assert contrast_map(torch.full((1, 3, 8, 8), 0.3)).abs().max() == 0  # a flat image has no contrast
 
 
+def test_coarse_view_repeats_each_blocks_mean_over_the_block():
+    pixels = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(1))
+    array = pixels.numpy()
+    means = array.reshape(2, 3, 2, 4, 3, 4).mean(axis=(3, 5))  # (B, C, H/4, W/4) block means
+    expected = means.repeat(4, axis=2).repeat(4, axis=3)
+    torch.testing.assert_close(coarse_view(pixels, 4), torch.from_numpy(expected))
+    assert coarse_view(pixels, 1) is pixels
+
+
+def test_rgb_pool_factor_must_divide_the_image_size():
+    with pytest.raises(ValueError, match=r"rgb_pool_factor must be a positive divisor of image_size=64"):
+        small_config(rgb_pool_factor=5)
+
+
 def test_tower_output_is_the_rgb_streams_map_beside_the_contrast_streams_map():
     torch.manual_seed(0)
-    tower = AutoModel.from_config(small_config()).eval()
+    tower = AutoModel.from_config(small_config(rgb_pool_factor=4)).eval()
     assert isinstance(tower, TwoStreamVisionModel)
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         out = tower(pixel_values=pixels)
-        rgb = tower.rgb(pixel_values=pixels).last_hidden_state
+        rgb = tower.rgb(pixel_values=coarse_view(pixels, 4)).last_hidden_state
         contrast = tower.contrast(pixel_values=contrast_map(pixels)).last_hidden_state
     assert out.last_hidden_state.shape == (2, 16 + 24, 4, 4)
     torch.testing.assert_close(out.last_hidden_state, torch.cat([rgb, contrast], dim=1))
@@ -97,3 +111,17 @@ def test_streams_with_different_map_sizes_are_refused_naming_the_fix():
     tower = AutoModel.from_config(small_config(contrast_config=two_stage))
     with pytest.raises(ValueError, match="same number of downsampling stages"):
         tower(pixel_values=torch.randn(1, 3, 64, 64))
+
+
+def test_trainable_vision_layers_train_the_last_stages_of_each_stream():
+    from microvlm import MicroVLMForCausalLM
+    from microvlm.train.cli import freeze_for_stage
+
+    with torch.device("meta"):
+        model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny"))
+    freeze_for_stage(model, ["adapter"], trainable_lm_layers=0, trainable_vision_layers=1)
+    for stream in (model.model.vision_tower.rgb, model.model.vision_tower.contrast):
+        stages = stream.encoder.stages
+        trained = [any(p.requires_grad for p in stage.parameters()) for stage in stages]
+        assert trained == [False] * (len(stages) - 1) + [True]
+        assert not any(p.requires_grad for p in stream.embedder.parameters())

@@ -151,8 +151,14 @@ VISION_BLOCK_LISTS = (
 )  # ViT/DeiT (transformers 5; 4: encoder.layer), ResNet
 
 
-def vision_blocks(tower: nn.Module) -> nn.ModuleList:
-    """The vision tower's sequence of blocks (DeiT-Tiny: its 12 encoder layers; ResNet: its stages)."""
+def vision_blocks(tower: nn.Module) -> list[nn.ModuleList]:
+    """The vision tower's sequences of blocks, one per stream (DeiT-Tiny: its 12 encoder layers; ResNet, RepViT: their
+    stages; the two-stream tower: each stream's stages)."""
+    streams = [tower.rgb, tower.contrast] if tower.config.model_type == "microvlm_two_stream" else [tower]
+    return [_block_list(stream) for stream in streams]
+
+
+def _block_list(tower: nn.Module) -> nn.ModuleList:
     for path in VISION_BLOCK_LISTS:
         try:
             blocks = tower.get_submodule(path)
@@ -178,7 +184,8 @@ def freeze_for_stage(
     if trainable_lm_layers:
         model.model.language_model.layers[-trainable_lm_layers:].requires_grad_(True)
     if trainable_vision_layers:
-        vision_blocks(model.model.vision_tower)[-trainable_vision_layers:].requires_grad_(True)
+        for blocks in vision_blocks(model.model.vision_tower):
+            blocks[-trainable_vision_layers:].requires_grad_(True)
     # The temperature stays fixed unless the config says it is learnable, whatever the groups say.
     model.model.alignment.log_logit_scale.requires_grad_(model.config.alignment_learnable_temperature)
     counts: dict[str, int] = {}
