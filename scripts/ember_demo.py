@@ -35,7 +35,10 @@ def main() -> None:
     model = MicroVLMForCausalLM.from_pretrained(folders[-1]).eval()
     processor = MicroVLMProcessor.from_pretrained(folders[-1])
     splits = build_robot_selection_dataset(
-        num_train=2000, num_validation=0, num_test=args.num_test, image_size=model.config.vision_config.image_size,
+        num_train=2000,
+        num_validation=0,
+        num_test=args.num_test,
+        image_size=model.config.vision_config.image_size,
         seed=args.seed,
     )
     figures = {

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM, MicroVLMProcessor
 from microvlm.data.collator import MicroVLMCollator
@@ -119,9 +118,9 @@ def test_reasoning_losses_equal_an_independent_computation():
     out = head(start)
     answer, consistency = reasoning_losses(out, labels)
     # Rows 0 and 2 are labelled; they took 1 and 4 steps.
-    expected_answer = -(
-        torch.log_softmax(out.answer_logits[0], -1)[1] + torch.log_softmax(out.answer_logits[2], -1)[4]
-    ) / 2
+    expected_answer = (
+        -(torch.log_softmax(out.answer_logits[0], -1)[1] + torch.log_softmax(out.answer_logits[2], -1)[4]) / 2
+    )
     terms = []
     for row, taken in ((0, 1), (2, 4)):
         for step in range(taken):

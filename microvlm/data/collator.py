@@ -103,7 +103,8 @@ class MicroVLMCollator:
         if images:
             batch["pixel_values"] = self._pixels(images)
         if any(s.get("kind") == "robot" for s in samples):
-            batch["answer_labels"] = torch.tensor([s["label"] if s.get("kind") == "robot" else IGNORE_INDEX for s in samples])
+            labels = [s["label"] if s.get("kind") == "robot" else IGNORE_INDEX for s in samples]
+            batch["answer_labels"] = torch.tensor(labels)
         if self.with_episodes:
             batch.update(self._episodes(samples))
         return batch

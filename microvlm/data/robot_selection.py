@@ -240,7 +240,9 @@ def build_robot_selection_dataset(
             raise ValueError(f"num_{split} must be >= 0, got {size}")
         rows = [make_robot_sample(split, index, seed, image_size, with_images) for index in range(size)]
         splits[split] = datasets.Dataset.from_dict(
-            {name: [row[name] for row in rows] for name in FEATURES}, features=FEATURES, split=datasets.NamedSplit(split)
+            {name: [row[name] for row in rows] for name in FEATURES},
+            features=FEATURES,
+            split=datasets.NamedSplit(split),
         )
     logger.info("built the robot-selection set %s", {s: len(d) for s, d in splits.items()})
     return datasets.DatasetDict(splits)

@@ -43,7 +43,7 @@ def single_attribute_baselines(train: datasets.Dataset, test: datasets.Dataset) 
 
 @torch.no_grad()
 def robot_selection_accuracy(
-    model, processor, dataset: datasets.Dataset, batch_size: int = 64, max_new_tokens: int = 4
+    model, processor, dataset: datasets.Dataset, batch_size: int = 64, max_new_tokens: int = 8
 ) -> dict[str, float]:
     """{"answer_head": accuracy of argmax `answer_logits`, "generated": accuracy of the greedy text, "mean_steps":
     reasoning steps taken on average} of `model` on the robot-selection rows of `dataset`."""

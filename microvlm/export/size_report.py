@@ -32,7 +32,10 @@ COMPONENTS = (
     ("memory: ScopeNet", ("model.memory.scope_net.",)),
     ("reasoning head", ("reasoning_head.",)),
     # Qwen2/BitNet name the embedding embed_tokens; GPT-2 has wte (tokens) and wpe (learned positions).
-    ("embedding / LM head", ("model.language_model.embed_tokens.", "model.language_model.wte.", "model.language_model.wpe.", "lm_head.")),
+    (
+        "embedding / LM head",
+        ("model.language_model.embed_tokens.", "model.language_model.wte.", "model.language_model.wpe.", "lm_head."),
+    ),
     ("LM body", ("model.language_model.",)),
 )
 SEEDS_CLAIMS = 'seeds: 2172 MB (fp32) / 517 MB / 123 MB; "Qwen 1.58-bit 98.8 MB"'
