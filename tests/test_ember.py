@@ -218,3 +218,30 @@ def test_each_ember_stage_trains_one_step_through_the_command_line(tmp_path):
     assert entries["reasoning_heads"]["grad_norm/language"] == 0 and entries["reasoning"]["grad_norm/language"] > 0
     saved = json.loads((Path(folders[-1]) / "config.json").read_text())
     assert saved["use_reasoning"] and saved["text_config"]["model_type"] == "gpt2"
+
+
+@pytest.mark.parametrize(
+    ("preset", "layers", "reasoning"),
+    [("ember-base", 6, False), ("ember-lite", 4, False), ("ember-reasoning", 6, True)],
+)
+def test_reference_ember_presets_build_on_the_meta_device_with_tinyllm_counts(preset, layers, reasoning):
+    pytest.importorskip("microvlm.repvit", reason="the RepViT tower (issue 14's vision part) is not merged yet")
+    with torch.device("meta"):
+        model = MicroVLMForCausalLM(MicroVLMConfig.from_preset(preset))
+    config = model.config
+    assert config.vision_config.model_type == "repvit" and config.num_image_tokens == 8
+    d, vocab, positions = 384, 50262, 1024
+    count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    lm = model.model.language_model
+    # GPT-2 with n_inner = 4d: per layer qkv d·3d+3d, out d²+d, MLP d·4d+4d and 4d·d+d, two LayerNorms 4d.
+    assert count(lm.h) == layers * (12 * d * d + 13 * d)
+    assert count(lm.wte) + count(lm.wpe) == vocab * d + positions * d  # 19.30M + 0.39M; the LM head is tied
+    if not reasoning:
+        assert model.reasoning_head is None
+        return
+    step, validator, answer = (
+        (d * 768 + 768 + 768 * d + d),
+        (2 * d * 384 + 384 + 384 + 1),
+        (d * 192 + 192 + 192 * 5 + 5),
+    )
+    assert count(model.reasoning_head) == step + validator + answer
