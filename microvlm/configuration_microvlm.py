@@ -115,7 +115,7 @@ class MicroVLMConfig(PretrainedConfig):
             this (seed: `consistency_threshold`).
         reasoning_dropout (`float`): dropout inside the reasoning module's MLPs.
         reasoning_answer_weight, reasoning_consistency_weight (`float`): weights of the answer cross-entropy and of
-            the validator's consistency BCE, when a batch carries `answer_labels`.
+            the validator's consistency BCE, when a batch carries `answer_targets`.
         distillation_weight (`float`), distillation_temperature (`float`): weight and temperature τ of the
             distillation term τ²·KL(teacher ‖ student) on the labelled positions, when a batch carries
             `teacher_logits`.

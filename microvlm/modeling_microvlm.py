@@ -85,7 +85,7 @@ class MicroVLMCausalLMOutput(ModelOutput):
         reasoning_steps, reasoning_consistency, reasoning_num_steps, answer_logits: the reasoning module's states
             (batch, S, hidden), consistency scores (batch, S), steps taken (batch,) and answer logits (batch, A),
             with `config.use_reasoning`, on a sequence's first forward (see `reasoning_head.py`).
-        reasoning_answer_loss, reasoning_consistency_loss: its losses, when `answer_labels` are given.
+        reasoning_answer_loss, reasoning_consistency_loss: its losses, when `answer_targets` are given.
         distillation_loss: τ²·KL(teacher ‖ student) against the `teacher_logits` given to `forward`.
     """
 
@@ -454,7 +454,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         memory_query_mask: torch.Tensor | None = None,
         memory_target_step: torch.LongTensor | None = None,
         scope_targets: torch.Tensor | None = None,
-        answer_labels: torch.LongTensor | None = None,
+        answer_targets: torch.LongTensor | None = None,
         teacher_logits: torch.FloatTensor | None = None,
         **kwargs,
     ) -> MicroVLMCausalLMOutput:
@@ -466,7 +466,9 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             logits_to_keep: compute logits for the last N positions only (0: all).
             memory_query_mask: as [`MicroVLMModel.forward`]; derived from `labels` when they are given.
             scope_targets: (B,) 1 where a row needs the memory, 0 where it does not; trains ScopeNet.
-            answer_labels: (B,) class of each row for the reasoning module's answer head (-100: none).
+            answer_targets: (B,) class of each row for the reasoning module's answer head (-100: none). Not
+                "answer_labels": the Trainer takes every argument named like a label as one, and would then skip
+                the loss of batches without it.
             teacher_logits: (B, T, V) a teacher's logits on the same inputs: adds the distillation term (needs
                 `labels`, which say which positions count).
         """
@@ -528,8 +530,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         reasoning = answer_loss = consistency_loss = None
         if self.reasoning_head is not None and first_call:
             reasoning = self.reasoning_head(self._prompt_state(outputs.last_hidden_state, text_labels, text_mask))
-            if answer_labels is not None:
-                answer_loss, consistency_loss = reasoning_losses(reasoning, answer_labels)
+            if answer_targets is not None:
+                answer_loss, consistency_loss = reasoning_losses(reasoning, answer_targets)
                 weighted = self.config.reasoning_answer_weight * answer_loss
                 weighted = weighted + self.config.reasoning_consistency_weight * consistency_loss
                 loss = weighted + (loss if loss is not None else 0.0)

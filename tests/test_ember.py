@@ -162,12 +162,12 @@ def test_the_answer_head_reads_the_prompt_so_the_target_text_cannot_leak_into_it
     other = {**sample, "answer": "underwater robot" if sample["answer"] != "underwater robot" else "drone"}
     collator = MicroVLMCollator(processor)
     batch = collator([sample, other])
-    assert batch["answer_labels"].tolist() == [sample["label"]] * 2
+    assert batch["answer_targets"].tolist() == [sample["label"]] * 2
     assert not torch.equal(batch["input_ids"][0], batch["input_ids"][1])
     out = ember_model(**{k: v for k, v in batch.items() if k != "scope_targets"})
     assert torch.allclose(out.answer_logits[0], out.answer_logits[1], atol=1e-5)
     prompt_only = MicroVLMCollator(processor, prompts_only=True)([sample])
-    alone = ember_model(**{k: v for k, v in prompt_only.items() if k not in ("scope_targets", "answer_labels")})
+    alone = ember_model(**{k: v for k, v in prompt_only.items() if k not in ("scope_targets", "answer_targets")})
     assert torch.allclose(alone.answer_logits[0], out.answer_logits[0], atol=1e-5)  # as at inference
 
 

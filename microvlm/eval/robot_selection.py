@@ -55,7 +55,7 @@ def robot_selection_accuracy(
     for start in tqdm(range(0, len(dataset), batch_size), desc="robot selection", leave=False):
         rows = [dataset[i] for i in range(start, min(start + batch_size, len(dataset)))]
         batch = {k: v.to(model.device) for k, v in collator(rows).items() if k != "scope_targets"}
-        labels = batch.pop("answer_labels")
+        labels = batch.pop("answer_targets")
         output = model(**batch)
         head_hits += int((output.answer_logits.argmax(-1) == labels).sum())
         steps += int(output.reasoning_num_steps.sum())
