@@ -245,3 +245,15 @@ def test_reference_ember_presets_build_on_the_meta_device_with_tinyllm_counts(pr
         (d * 192 + 192 + 192 * 5 + 5),
     )
     assert count(model.reasoning_head) == step + validator + answer
+
+
+def test_a_preset_processor_adds_its_added_tokens_in_order(monkeypatch):
+    """The "ember-*" presets' vocabulary is GPT-2's + 5 tokens; the mechanism, offline, on the tiny tokenizer."""
+    tiny = MicroVLMConfig.read_preset("tiny")
+    vocabulary = len(MicroVLMProcessor.from_preset("tiny").tokenizer)
+    added = ["<task>", "<reasoning>", "<answer>"]
+    with_added = {**tiny, "processor": {**tiny["processor"], "added_tokens": added}}
+    monkeypatch.setattr(MicroVLMConfig, "read_preset", classmethod(lambda cls, name: dict(with_added)))
+    tokenizer = MicroVLMProcessor.from_preset("tiny").tokenizer
+    assert tokenizer.convert_tokens_to_ids(added) == [vocabulary, vocabulary + 1, vocabulary + 2]
+    assert tokenizer("<answer> drone", add_special_tokens=False)["input_ids"][0] == vocabulary + 2
