@@ -65,7 +65,9 @@ class MicroVLMCausalLMOutput(ModelOutput):
     Args:
         loss: lm_loss_weight·LM + alignment_loss_weight·InfoNCE + memory_kl_weight·memory KL
             + addressing_kl_weight·addressing KL + memory_step_loss_weight·step loss
-            + memory_reconstruction_weight·reconstruction + scope_loss_weight·ScopeNet BCE (terms that apply).
+            + memory_reconstruction_weight·reconstruction + scope_loss_weight·ScopeNet BCE
+            + distillation_weight·distillation + reasoning_answer_weight·answer CE
+            + reasoning_consistency_weight·consistency BCE (terms that apply).
         logits: (batch, seq, vocab) next-token scores.
         past_key_values, hidden_states, attentions: the language model's.
         lm_loss: next-token cross-entropy over text tokens only (image placeholders and padding ignored).
