@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 from .configuration_microvlm import MicroVLMConfig
 from .modeling_microvlm import MicroVLMForCausalLM, MicroVLMModel, MicroVLMPreTrainedModel
 from .processing_microvlm import MicroVLMProcessor
+from .repvit import RepViTConfig, RepViTModel, repvit_state_dict_from_timm
 
 
 AutoConfig.register(MicroVLMConfig.model_type, MicroVLMConfig, exist_ok=True)
@@ -21,4 +22,13 @@ MicroVLMConfig.register_for_auto_class()
 MicroVLMForCausalLM.register_for_auto_class("AutoModelForCausalLM")
 MicroVLMProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = ["MicroVLMConfig", "MicroVLMForCausalLM", "MicroVLMModel", "MicroVLMPreTrainedModel", "MicroVLMProcessor"]
+__all__ = [
+    "MicroVLMConfig",
+    "MicroVLMForCausalLM",
+    "MicroVLMModel",
+    "MicroVLMPreTrainedModel",
+    "MicroVLMProcessor",
+    "RepViTConfig",
+    "RepViTModel",
+    "repvit_state_dict_from_timm",
+]

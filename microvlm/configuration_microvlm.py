@@ -10,7 +10,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from transformers import AutoConfig, PretrainedConfig
+from transformers import CONFIG_MAPPING, AutoConfig, AutoModel, PretrainedConfig
+
+from .repvit import RepViTConfig, RepViTModel
+from .two_stream_vision import TwoStreamVisionConfig, TwoStreamVisionModel
 
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -21,6 +24,16 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_microvlm.MicroVLMForCausalLM",
 }
 ALIGNMENT_IMAGE_SOURCES = ("cls", "prefix")
+# The package's own vision towers, whose code ships beside this module. A saved folder resolves their model types
+# to its own copies (SHIPPED_CONFIGS; so it works where the `microvlm` package is not installed, whatever another
+# copy registered with AutoConfig), and AutoModel maps each copy's config class to that copy's model. The first
+# copy imported keeps the name in AutoConfig: loading a folder's remote code in-process does not take it over.
+SHIPPED_TOWERS = {RepViTConfig: RepViTModel, TwoStreamVisionConfig: TwoStreamVisionModel}
+SHIPPED_CONFIGS = {config.model_type: config for config in SHIPPED_TOWERS}
+for _config, _model in SHIPPED_TOWERS.items():
+    if _config.model_type not in CONFIG_MAPPING:
+        AutoConfig.register(_config.model_type, _config)
+    AutoModel.register(_config, _model, exist_ok=True)
 
 
 def _as_sub_config(value: "dict | PretrainedConfig | None", default_model_type: str, field: str) -> PretrainedConfig:
@@ -33,6 +46,8 @@ def _as_sub_config(value: "dict | PretrainedConfig | None", default_model_type: 
         raise TypeError(f"MicroVLMConfig.{field} must be a dict or a PretrainedConfig, got {type(value).__name__}")
     value = dict(value)
     model_type = value.pop("model_type", default_model_type)
+    if model_type in SHIPPED_CONFIGS:
+        return SHIPPED_CONFIGS[model_type](**value)
     return AutoConfig.for_model(model_type, **value)
 
 

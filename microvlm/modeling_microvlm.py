@@ -32,7 +32,9 @@ from .memory_encoder import MemoryEncoder  # noqa: F401
 from .memory_injection import MemoryKVProjection, ScopeNet  # noqa: F401
 from .packed_weights import apply_weight_formats, check_packed_weights, check_safetensors_files
 from .reasoning_head import ReasoningHead, reasoning_losses
+from .repvit import RepViTModel  # noqa: F401
 from .ternary_kernel import ternary_linear  # noqa: F401
+from .two_stream_vision import TwoStreamVisionModel  # noqa: F401
 from .vision_adapter import MicroVLMVisionAdapter
 
 

@@ -1,14 +1,18 @@
 """How fast can a vision tower learn the shapes set's attributes from pixels alone, and does it name the shape of a
 held-out colour–shape pair? A diagnostic for the tiny preset's tower (README: "Teaching the tiny tower to see").
 
-The tower of a preset (random weights, the preset's `vision_config`, optionally with other `hidden_sizes`/`depths`)
-is trained with four linear heads (colour, shape, count, position) on its mean-pooled last feature map, straight
+The tower of a preset (random weights, the preset's `vision_config`, or another given as JSON) is trained
+with four linear heads (colour, shape, count, position) on its mean-pooled last feature map, straight
 from the attribute labels: the strongest signal a VLM's captions could ever give it. Every `eval_every` steps it
 prints the heads' accuracies on seen pairs and on held-out pairs (`HELD_OUT_PAIRS`, never in its training set).
 
-    python scripts/tower_attribute_probe.py --hidden_sizes 32 64 128 --depths 1 1 1 --steps 1000
+    python scripts/tower_attribute_probe.py --steps 1000   # the tiny preset's two-stream tower
+    python scripts/tower_attribute_probe.py --steps 1000 --vision_config '{"model_type": "resnet", "image_size": 64,
+        "embedding_size": 32, "hidden_sizes": [32, 64, 128], "depths": [1, 1, 1], "layer_type": "basic",
+        "downsample_in_first_stage": false}'   # a single RGB ResNet (the tiny tower before)
 """
 
+import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -29,8 +33,9 @@ VALUES = {"colour": list(COLOURS), "shape": list(SHAPES), "count": list(COUNTS),
 @dataclass
 class ProbeArguments:
     preset: str = "tiny"
-    hidden_sizes: list[int] | None = field(default=None, metadata={"help": "override the tower's stage widths"})
-    depths: list[int] | None = field(default=None, metadata={"help": "override the tower's stage depths"})
+    vision_config: str | None = field(
+        default=None, metadata={"help": "a vision config as JSON (with model_type) instead of the preset's"}
+    )
     num_train: int = 4000
     num_test: int = 400
     steps: int = 1000
@@ -64,11 +69,9 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    config = MicroVLMConfig.from_preset(args.preset)
+    overrides = {"vision_config": json.loads(args.vision_config)} if args.vision_config else {}
+    config = MicroVLMConfig.from_preset(args.preset, **overrides)
     vision_config = config.vision_config
-    for name in ("hidden_sizes", "depths"):
-        if getattr(args, name) is not None:
-            setattr(vision_config, name, getattr(args, name))
     tower = AutoModel.from_config(vision_config, **config.vision_tower_kwargs)
     processor = MicroVLMProcessor.from_preset(args.preset)
     size = vision_config.image_size
