@@ -117,6 +117,23 @@ class MicroVLMConfig(PretrainedConfig):
         scope_num_layers (`int`): ScopeNet's hidden layers: 2 gives code→h→h→1 (MicroVLM-V, tiny), 1 the seed's
             MicroVLM-M code→256→1.
         scope_loss_weight (`float`): weight of ScopeNet's BCE against `scope_targets`, when a batch carries them.
+        adapter_activation (`str`): activation of the adapter MLP, a transformers `ACT2FN` name (EmberVLM's
+            projection: "relu").
+        use_reasoning (`bool`): add the EmberVLM reasoning module (`reasoning_head.py`) on the LM's hidden state at
+            the last prompt token: iterated reasoning steps, a step validator and an answer head.
+        reasoning_hidden_size (`int`): width of the reasoning step MLP D→h→D (seed: 768).
+        reasoning_validator_hidden_size (`int`): width of the step validator [current; previous] 2D→h→1 (seed: 384).
+        reasoning_answer_hidden_size (`int`): width of the answer head D→h→`reasoning_num_answers` (seed: 192).
+        reasoning_num_answers (`int`): classes of the answer head (EmberVLM: 5 robot types).
+        reasoning_max_steps (`int`): at most this many reasoning steps (seed: `max_reasoning_steps`).
+        reasoning_consistency_threshold (`float`): a row stops reasoning once its step's consistency score reaches
+            this (seed: `consistency_threshold`).
+        reasoning_dropout (`float`): dropout inside the reasoning module's MLPs.
+        reasoning_answer_weight, reasoning_consistency_weight (`float`): weights of the answer cross-entropy and of
+            the validator's consistency BCE, when a batch carries `answer_targets`.
+        distillation_weight (`float`), distillation_temperature (`float`): weight and temperature τ of the
+            distillation term τ²·KL(teacher ‖ student) on the labelled positions, when a batch carries
+            `teacher_logits`.
     """
 
     model_type = "microvlm"
@@ -135,6 +152,13 @@ class MicroVLMConfig(PretrainedConfig):
         "memory_step_loss",
         "scope_gate",
         "scope_loss",
+        "reasoning_steps",
+        "reasoning_consistency",
+        "reasoning_num_steps",
+        "answer_logits",
+        "reasoning_answer_loss",
+        "reasoning_consistency_loss",
+        "distillation_loss",
     ]
     sub_configs = {"vision_config": AutoConfig, "text_config": AutoConfig}
 
@@ -182,6 +206,19 @@ class MicroVLMConfig(PretrainedConfig):
         scope_threshold: float = 0.5,
         scope_loss_weight: float = 0.1,
         scope_num_layers: int = 2,
+        adapter_activation: str = "gelu",
+        use_reasoning: bool = False,
+        reasoning_hidden_size: int = 768,
+        reasoning_validator_hidden_size: int = 384,
+        reasoning_answer_hidden_size: int = 192,
+        reasoning_num_answers: int = 5,
+        reasoning_max_steps: int = 4,
+        reasoning_consistency_threshold: float = 0.9,
+        reasoning_dropout: float = 0.1,
+        reasoning_answer_weight: float = 1.0,
+        reasoning_consistency_weight: float = 0.5,
+        distillation_weight: float = 0.0,
+        distillation_temperature: float = 2.0,
         **kwargs: Any,
     ):
         self.vision_config = _as_sub_config(vision_config, "deit", "vision_config")
@@ -226,6 +263,19 @@ class MicroVLMConfig(PretrainedConfig):
         self.scope_threshold = scope_threshold
         self.scope_loss_weight = scope_loss_weight
         self.scope_num_layers = scope_num_layers
+        self.adapter_activation = adapter_activation
+        self.use_reasoning = use_reasoning
+        self.reasoning_hidden_size = reasoning_hidden_size
+        self.reasoning_validator_hidden_size = reasoning_validator_hidden_size
+        self.reasoning_answer_hidden_size = reasoning_answer_hidden_size
+        self.reasoning_num_answers = reasoning_num_answers
+        self.reasoning_max_steps = reasoning_max_steps
+        self.reasoning_consistency_threshold = reasoning_consistency_threshold
+        self.reasoning_dropout = reasoning_dropout
+        self.reasoning_answer_weight = reasoning_answer_weight
+        self.reasoning_consistency_weight = reasoning_consistency_weight
+        self.distillation_weight = distillation_weight
+        self.distillation_temperature = distillation_temperature
         # Tying is the language model's own business (Qwen2.5-0.5B ties, others may not): mirror its setting so
         # that transformers' loading logic sees the same answer at both levels.
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
@@ -262,6 +312,12 @@ class MicroVLMConfig(PretrainedConfig):
             raise ValueError(f"MicroVLMConfig.alignment_temperature must be > 0, got {self.alignment_temperature}")
         if not 0.0 <= self.adapter_dropout < 1.0:
             raise ValueError(f"MicroVLMConfig.adapter_dropout must be in [0, 1), got {self.adapter_dropout}")
+        if self.reasoning_max_steps < 1:
+            raise ValueError(f"MicroVLMConfig.reasoning_max_steps must be >= 1, got {self.reasoning_max_steps}")
+        if self.distillation_temperature <= 0:
+            raise ValueError(
+                f"MicroVLMConfig.distillation_temperature must be > 0, got {self.distillation_temperature}"
+            )
         if self.scope_num_layers < 1:
             raise ValueError(
                 f"MicroVLMConfig.scope_num_layers must be >= 1 (ScopeNet's hidden layers), got {self.scope_num_layers}"

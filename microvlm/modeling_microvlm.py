@@ -21,6 +21,7 @@ from transformers.modeling_outputs import ModelOutput
 from .alignment import MicroVLMAlignmentHead, equal_sequences, text_token_mask
 from .bitnet import convert_language_model_to_bitlinear, master_state_dict
 from .configuration_microvlm import MicroVLMConfig
+from .distillation import distillation_loss
 from .episodic_memory import MemoryRead, MicroVLMEpisodicMemory
 from .larimar_memory import LarimarMemory, MemoryState
 from .memory_cache import MemoryCache
@@ -30,6 +31,7 @@ from .memory_cache import MemoryCache
 from .memory_encoder import MemoryEncoder  # noqa: F401
 from .memory_injection import MemoryKVProjection, ScopeNet  # noqa: F401
 from .packed_weights import apply_weight_formats, check_packed_weights, check_safetensors_files
+from .reasoning_head import ReasoningHead, reasoning_losses
 from .repvit import RepViTModel  # noqa: F401
 from .ternary_kernel import ternary_linear  # noqa: F401
 from .two_stream_vision import TwoStreamVisionModel  # noqa: F401
@@ -65,7 +67,9 @@ class MicroVLMCausalLMOutput(ModelOutput):
     Args:
         loss: lm_loss_weight·LM + alignment_loss_weight·InfoNCE + memory_kl_weight·memory KL
             + addressing_kl_weight·addressing KL + memory_step_loss_weight·step loss
-            + memory_reconstruction_weight·reconstruction + scope_loss_weight·ScopeNet BCE (terms that apply).
+            + memory_reconstruction_weight·reconstruction + scope_loss_weight·ScopeNet BCE
+            + distillation_weight·distillation + reasoning_answer_weight·answer CE
+            + reasoning_consistency_weight·consistency BCE (terms that apply).
         logits: (batch, seq, vocab) next-token scores.
         past_key_values, hidden_states, attentions: the language model's.
         lm_loss: next-token cross-entropy over text tokens only (image placeholders and padding ignored).
@@ -82,6 +86,11 @@ class MicroVLMCausalLMOutput(ModelOutput):
             `config.memory_reconstruction_weight` is not 0.
         scope_gate: (batch,) ScopeNet's gate in [0, 1]; at inference rows below `scope_threshold` got no memory.
         scope_loss: BCE of `scope_gate` against the `scope_targets` given to `forward`.
+        reasoning_steps, reasoning_consistency, reasoning_num_steps, answer_logits: the reasoning module's states
+            (batch, S, hidden), consistency scores (batch, S), steps taken (batch,) and answer logits (batch, A),
+            with `config.use_reasoning`, on a sequence's first forward (see `reasoning_head.py`).
+        reasoning_answer_loss, reasoning_consistency_loss: its losses, when `answer_targets` are given.
+        distillation_loss: τ²·KL(teacher ‖ student) against the `teacher_logits` given to `forward`.
     """
 
     loss: torch.FloatTensor | None = None
@@ -100,6 +109,13 @@ class MicroVLMCausalLMOutput(ModelOutput):
     memory_reconstruction_loss: torch.FloatTensor | None = None
     scope_gate: torch.FloatTensor | None = None
     scope_loss: torch.FloatTensor | None = None
+    reasoning_steps: torch.FloatTensor | None = None
+    reasoning_consistency: torch.FloatTensor | None = None
+    reasoning_num_steps: torch.LongTensor | None = None
+    answer_logits: torch.FloatTensor | None = None
+    reasoning_answer_loss: torch.FloatTensor | None = None
+    reasoning_consistency_loss: torch.FloatTensor | None = None
+    distillation_loss: torch.FloatTensor | None = None
 
 
 def text_position_ids(attention_mask: torch.Tensor, seq_len: int) -> torch.LongTensor:
@@ -371,6 +387,7 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         self.model = MicroVLMModel(config)
         text = config.text_config
         self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+        self.reasoning_head = ReasoningHead(config) if config.use_reasoning else None
         # LM families name their embedding differently (GPT-2: `wte`): tie to whatever this one is called.
         embedding = self.model.get_input_embeddings().weight
         name = next(n for n, p in self.model.language_model.named_parameters() if p is embedding)
@@ -441,6 +458,8 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         memory_query_mask: torch.Tensor | None = None,
         memory_target_step: torch.LongTensor | None = None,
         scope_targets: torch.Tensor | None = None,
+        answer_targets: torch.LongTensor | None = None,
+        teacher_logits: torch.FloatTensor | None = None,
         **kwargs,
     ) -> MicroVLMCausalLMOutput:
         r"""
@@ -451,8 +470,15 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             logits_to_keep: compute logits for the last N positions only (0: all).
             memory_query_mask: as [`MicroVLMModel.forward`]; derived from `labels` when they are given.
             scope_targets: (B,) 1 where a row needs the memory, 0 where it does not; trains ScopeNet.
+            answer_targets: (B,) class of each row for the reasoning module's answer head (-100: none). Not
+                "answer_labels": the Trainer takes every argument named like a label as one, and would then skip
+                the loss of batches without it.
+            teacher_logits: (B, T, V) a teacher's logits on the same inputs: adds the distillation term (needs
+                `labels`, which say which positions count).
         """
         text_labels = self._text_only_labels(labels, input_ids, attention_mask) if labels is not None else None
+        # Measured before the LM runs: it fills the cache in place.
+        first_call = past_key_values is None or past_key_values.get_seq_length() == 0
         if memory_query_mask is None and text_labels is not None:
             memory_query_mask = self._prompt_mask(text_labels, attention_mask)
         outputs = self.model(
@@ -499,6 +525,20 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         if memory is not None and scope_targets is not None:
             scope_loss = nn.functional.binary_cross_entropy(memory.gate.float(), scope_targets.float())
             loss = scope_loss * self.config.scope_loss_weight + (loss if loss is not None else 0.0)
+        distillation = None
+        if teacher_logits is not None and text_labels is not None:
+            distillation = distillation_loss(
+                logits, teacher_logits, text_labels[:, -logits.shape[1] :], self.config.distillation_temperature
+            )
+            loss = loss + self.config.distillation_weight * distillation
+        reasoning = answer_loss = consistency_loss = None
+        if self.reasoning_head is not None and first_call:
+            reasoning = self.reasoning_head(self._prompt_state(outputs.last_hidden_state, text_labels, text_mask))
+            if answer_targets is not None:
+                answer_loss, consistency_loss = reasoning_losses(reasoning, answer_targets)
+                weighted = self.config.reasoning_answer_weight * answer_loss
+                weighted = weighted + self.config.reasoning_consistency_weight * consistency_loss
+                loss = weighted + (loss if loss is not None else 0.0)
 
         return MicroVLMCausalLMOutput(
             loss=loss,
@@ -517,6 +557,13 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
             memory_reconstruction_loss=memory.reconstruction_loss if memory is not None else None,
             scope_gate=memory.gate if memory is not None else None,
             scope_loss=scope_loss,
+            reasoning_steps=reasoning.steps if reasoning is not None else None,
+            reasoning_consistency=reasoning.consistency if reasoning is not None else None,
+            reasoning_num_steps=reasoning.num_steps if reasoning is not None else None,
+            answer_logits=reasoning.answer_logits if reasoning is not None else None,
+            reasoning_answer_loss=answer_loss,
+            reasoning_consistency_loss=consistency_loss,
+            distillation_loss=distillation,
         )
 
     def _text_only_labels(
@@ -529,6 +576,21 @@ class MicroVLMForCausalLM(MicroVLMPreTrainedModel, GenerationMixin):
         if text_mask is not None and text_mask.dim() == 2:
             labels[text_mask[:, -labels.shape[1] :] == 0] = -100
         return labels
+
+    def _prompt_state(
+        self, hidden: torch.Tensor, text_labels: torch.LongTensor | None, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The reasoning module's input (B, D): the LM's final hidden state (B, T, D) at each row's last prompt
+        token, the last real token before the first labelled one (without labels: the last real token, which in
+        `generate` is the prompt's last). Target tokens come later, so the answer text never reaches it."""
+        if text_labels is not None:
+            prompt = self._prompt_mask(text_labels, attention_mask).bool()
+        elif attention_mask is not None and attention_mask.dim() == 2:
+            prompt = attention_mask[:, -hidden.shape[1] :].bool()
+        else:
+            prompt = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)
+        last = hidden.shape[1] - 1 - prompt.flip(-1).long().argmax(-1)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
     @staticmethod
     def _prompt_mask(labels: torch.LongTensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

@@ -244,11 +244,14 @@ class MicroVLMProcessor(ProcessorMixin):
     def from_preset(cls, name: str) -> "MicroVLMProcessor":
         """The processor of a preset, from its `processor` section (`MicroVLMConfig.read_preset`): "tiny" works
         offline (its tokenizer ships in `microvlm/assets/`); "microvlm-v" loads Qwen2.5's tokenizer from the Hub
-        and uses its `<|image_pad|>` token (no embedding resize)."""
+        and uses its `<|image_pad|>` token (no embedding resize). A section's `added_tokens` are added to the
+        tokenizer in order (the "ember-*" presets: GPT-2's tokenizer + 5 tokens, `<image>` = 50257)."""
         config = MicroVLMConfig.from_preset(name)
         settings = MicroVLMConfig.read_preset(name)["processor"]
         local = PACKAGE_DIR / settings["tokenizer"]
         tokenizer = AutoTokenizer.from_pretrained(local if local.is_dir() else settings["tokenizer"])
+        # Tokens the preset's vocabulary adds to the tokenizer's (EmberVLM: GPT-2's 50257 + 5 = 50262, <image> first).
+        tokenizer.add_tokens(settings.get("added_tokens", []), special_tokens=True)
         image_settings = dict(settings["image_processor"])
         image_processor = get_image_processor_class_from_name(image_settings.pop("image_processor_type"))(
             **image_settings

@@ -2,13 +2,14 @@
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from .configuration_microvlm import MicroVLMConfig
 
 
 class MicroVLMVisionAdapter(nn.Module):
-    """Linear(vision→hidden) → MLP(hidden→m→hidden, GELU, dropout on its output; m = `config.adapter_hidden_size`)
-    [→ + learned per-patch positions, with
+    """Linear(vision→hidden) → MLP(hidden→m→hidden, `config.adapter_activation` (GELU; EmberVLM: ReLU), dropout
+    on its output; m = `config.adapter_hidden_size`) [→ + learned per-patch positions, with
     `config.adapter_patch_positions`] → cross-attention pooling with k learned queries → learned positions →
     LayerNorm.
 
@@ -23,7 +24,10 @@ class MicroVLMVisionAdapter(nn.Module):
         width = config.adapter_hidden_size
         # Dropout last, so that the Linear layers keep their names (mlp.0, mlp.2) whatever the config.
         self.mlp = nn.Sequential(
-            nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, hidden), nn.Dropout(config.adapter_dropout)
+            nn.Linear(hidden, width),
+            ACT2FN[config.adapter_activation],
+            nn.Linear(width, hidden),
+            nn.Dropout(config.adapter_dropout),
         )
         self.queries = nn.Parameter(torch.empty(config.num_image_tokens, hidden))
         # Keys (and values) of convolutional towers know no absolute position: give them one per patch.

@@ -22,9 +22,10 @@ def tiny_model(tiny_config: MicroVLMConfig) -> MicroVLMForCausalLM:
     return MicroVLMForCausalLM(tiny_config).eval()
 
 
-@pytest.fixture(params=["tiny", "tiny-m"])
+@pytest.fixture(params=["tiny", "tiny-m", "tiny-ember"])
 def family_model(request) -> MicroVLMForCausalLM:
-    """The small preset of each family, seed 0, eval mode: "tiny" (Qwen2-style LM), "tiny-m" (BitNet b1.58 LM)."""
+    """The small preset of each family, seed 0, eval mode: "tiny" (Qwen2-style LM), "tiny-m" (BitNet b1.58 LM),
+    "tiny-ember" (GPT-2-style LM with the reasoning module)."""
     torch.manual_seed(0)
     return MicroVLMForCausalLM(MicroVLMConfig.from_preset(request.param)).eval()
 

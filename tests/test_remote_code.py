@@ -84,7 +84,9 @@ def test_in_process_round_trip_keeps_logits_and_ties(tiny_model, tiny_config, tm
 
 @torch.no_grad()
 def test_remote_code_round_trip_in_a_fresh_offline_process(family_model, tmp_path):
-    assert_remote_code_round_trip(family_model, tmp_path)
+    # A RepViT tower (tiny-ember) agrees to float rounding only: see test_remote_code_round_trip_with_a_repvit_tower.
+    repvit = family_model.config.vision_config.model_type == "repvit"
+    assert_remote_code_round_trip(family_model, tmp_path, atol=1e-5 if repvit else 0.0)
 
 
 @torch.no_grad()

@@ -6,6 +6,8 @@ Sample formats (columns of the built-in set, `synthetic_shapes.py`; any image–
 * qa: image prefix + question is the prompt, the short answer the target.
 * recall: no image in the input; the question about image i of an episode is the prompt, the answer the target,
   and the episode (image + "image i: caption" for each step) is written to the row's memory first.
+* robot (`robot_selection.py`): the scene's image prefix (when the row has an image) + the task is the prompt, the
+  robot type the target; its class index goes to `answer_targets` (the reasoning module's answer head).
 
 Labels cover the target (and the EOS after it) only. With `with_episodes`, recall rows carry their episode and
 the index of the step they ask about (`memory_target_step`, the addressing loss's target); other rows carry an
@@ -39,14 +41,17 @@ def prompt_and_target(sample: dict[str, Any]) -> tuple[str, str, bool]:
         return sample["text"], sample["answer"], True
     if kind == "recall":
         return sample["text"], sample["answer"], False
-    raise ValueError(f"sample column 'kind' must be caption, qa or recall, got {kind!r}")
+    if kind == "robot":
+        return sample["text"], sample["answer"], sample.get("image") is not None
+    raise ValueError(f"sample column 'kind' must be caption, qa, recall or robot, got {kind!r}")
 
 
 @dataclass
 class MicroVLMCollator:
     """Collates samples into `input_ids`, `attention_mask`, `labels`, `pixel_values` (one image per row; rows
     without an image get none of the image's placeholders and a blank image is not sent), `scope_targets`
-    (1 for recall rows) and, with `with_episodes` and at least one recall row, `episode_*` tensors (B, E, ...)
+    (1 for recall rows), `answer_targets` (B,) when a row is a robot row (its `label`; -100 for other rows) and,
+    with `with_episodes` and at least one recall row, `episode_*` tensors (B, E, ...)
     and `memory_target_step` (B,).
 
     `processor` is a [`MicroVLMProcessor`]: its tokenizer, image processor, image token and image-token count.
@@ -97,6 +102,9 @@ class MicroVLMCollator:
         }
         if images:
             batch["pixel_values"] = self._pixels(images)
+        if any(s.get("kind") == "robot" for s in samples):
+            labels = [s["label"] if s.get("kind") == "robot" else IGNORE_INDEX for s in samples]
+            batch["answer_targets"] = torch.tensor(labels)
         if self.with_episodes:
             batch.update(self._episodes(samples))
         return batch

@@ -30,7 +30,12 @@ COMPONENTS = (
     ("memory: prior (Larimar)", ("model.memory.larimar.",)),
     ("memory: W_M", ("model.memory.projection.",)),
     ("memory: ScopeNet", ("model.memory.scope_net.",)),
-    ("embedding / LM head", ("model.language_model.embed_tokens.", "lm_head.")),
+    ("reasoning head", ("reasoning_head.",)),
+    # Qwen2/BitNet name the embedding embed_tokens; GPT-2 has wte (tokens) and wpe (learned positions).
+    (
+        "embedding / LM head",
+        ("model.language_model.embed_tokens.", "model.language_model.wte.", "model.language_model.wpe.", "lm_head."),
+    ),
     ("LM body", ("model.language_model.",)),
 )
 SEEDS_CLAIMS = 'seeds: 2172 MB (fp32) / 517 MB / 123 MB; "Qwen 1.58-bit 98.8 MB"'

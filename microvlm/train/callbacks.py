@@ -21,6 +21,7 @@ MODULE_GROUPS = {
     "scope_net": ("model.memory.scope_net.",),
     "memory": ("model.memory.",),
     "language": ("model.language_model.", "lm_head."),
+    "reasoning": ("reasoning_head.",),
 }
 
 

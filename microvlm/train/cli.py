@@ -1,8 +1,10 @@
 """Train MicroVLM with the HF `Trainer`: `python -m microvlm.train --stage stage1|stage2|both --recipe demo ...`.
 
-Settings come, lowest precedence first, from the stage config (`configs/stage1.json`, `configs/stage2.json`), the
-recipe (`configs/<recipe>.json`: `all` and per-stage sections) and the command line: every dataclass field below
-and every `TrainingArguments` field is a flag. `--stage both` runs stage 1, then stage 2 from stage 1's result.
+Settings come, lowest precedence first, from the stage config (`configs/<stage>.json`), the recipe
+(`configs/<recipe>.json`: `all` and per-stage sections) and the command line: every dataclass field below and
+every `TrainingArguments` field is a flag. `--stage both` runs stage 1, then stage 2 from stage 1's result; a
+comma-separated list (`--stage stage1,stage2,robot_selection,reasoning_heads,reasoning`, EmberVLM's four stages
+with `--recipe ember`) runs each stage from the previous one's result, each in `<output_dir>/<stage>`.
 The same script runs under `accelerate launch` and `torchrun`.
 """
 
@@ -35,7 +37,7 @@ from .trainer import MicroVLMTrainer
 logger = logging.getLogger("microvlm.train")
 
 CONFIGS_DIR = Path(__file__).parent.parent / "configs"
-STAGES = ("stage1", "stage2", "quantized")
+STAGES = ("stage1", "stage2", "quantized", "robot_selection", "reasoning_heads", "reasoning")
 DEFAULT_PRESET = "tiny"
 
 
@@ -54,7 +56,9 @@ class ModelArguments:
     use_memory: bool = field(default=False, metadata={"help": "read the episodic memory in this stage"})
     train_groups: list[str] = field(
         default_factory=lambda: ["adapter", "alignment"],
-        metadata={"help": "module groups to train: vision, adapter, alignment, memory, scope_net, language"},
+        metadata={
+            "help": "module groups to train: vision, adapter, alignment, memory, scope_net, language, reasoning"
+        },
     )
     trainable_lm_layers: int = field(default=0, metadata={"help": "also train the last N decoder layers of the LM"})
     trainable_vision_layers: int = field(
@@ -69,7 +73,11 @@ class ModelArguments:
 
 @dataclass
 class DataArguments:
-    dataset: str = field(default="synthetic", metadata={"help": "'synthetic' (built-in) or an image-text source"})
+    dataset: str = field(
+        default="synthetic",
+        metadata={"help": "'synthetic' or 'robot_selection' (built-in sets) or an image-text source"},
+    )
+    robot_images: bool = field(default=True, metadata={"help": "robot_selection: draw each task's scene"})
     sample_kinds: list[str] = field(
         default_factory=lambda: ["caption", "qa"], metadata={"help": "built-in sample kinds: caption, qa, recall"}
     )
@@ -98,7 +106,10 @@ class DataArguments:
 
 @dataclass
 class RunArguments:
-    stage: str = field(default="stage1", metadata={"help": "stage1, stage2, quantized (BitNet QAT) or both"})
+    stage: str = field(
+        default="stage1",
+        metadata={"help": f"one of {STAGES}, both (stage1,stage2), or a comma-separated list run in turn"},
+    )
     recipe: str | None = field(default=None, metadata={"help": "named recipe in configs/: demo, test"})
     gradient_flow_steps: int = field(default=50, metadata={"help": "log gradient flow every N steps"})
     visualisation_steps: int = field(
@@ -172,6 +183,18 @@ def _block_list(tower: nn.Module) -> nn.ModuleList:
     )
 
 
+def language_layers(language_model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of the LM body: `layers` (Qwen2, BitNet, Llama...) or `h` (GPT-2)."""
+    for name in ("layers", "h"):
+        layers = getattr(language_model, name, None)
+        if isinstance(layers, nn.ModuleList):
+            return layers
+    raise ValueError(
+        f"trainable_lm_layers: {type(language_model).__name__} has no decoder layer list (`layers` or `h`). Train the "
+        "whole LM with --train_groups language ..., or set --trainable_lm_layers 0."
+    )
+
+
 def freeze_for_stage(
     model: MicroVLMForCausalLM, groups: list[str], trainable_lm_layers: int, trainable_vision_layers: int = 0
 ) -> dict[str, int]:
@@ -182,7 +205,7 @@ def freeze_for_stage(
         if group_of(name) in groups and param.is_floating_point():  # 4-bit weights are frozen by nature
             param.requires_grad_(True)
     if trainable_lm_layers:
-        model.model.language_model.layers[-trainable_lm_layers:].requires_grad_(True)
+        language_layers(model.model.language_model)[-trainable_lm_layers:].requires_grad_(True)
     if trainable_vision_layers:
         for blocks in vision_blocks(model.model.vision_tower):
             blocks[-trainable_vision_layers:].requires_grad_(True)
@@ -239,6 +262,18 @@ def build_datasets(data_args: DataArguments, config: MicroVLMConfig, seed: int):
             min_episode_size=data_args.min_episode_size,
             seed=seed + data_args.data_seed_offset,
             kinds=data_args.sample_kinds,
+        )
+        return splits["train"], splits["validation"]
+    if data_args.dataset == "robot_selection":
+        from ..data.robot_selection import build_robot_selection_dataset
+
+        splits = build_robot_selection_dataset(
+            num_train=data_args.num_train,
+            num_validation=data_args.num_validation,
+            num_test=0,
+            image_size=config.vision_config.image_size,
+            seed=seed + data_args.data_seed_offset,
+            with_images=data_args.robot_images,
         )
         return splits["train"], splits["validation"]
     from ..data.sources import SkipBadSamples, load_image_text_dataset
@@ -319,9 +354,16 @@ def main(argv: list[str] | None = None) -> list[str]:
     # Only which stages and which recipe: each stage parses everything over its own defaults (`build_trainer`).
     parser = HfArgumentParser(RunArguments, add_help=False)
     run_args, _ = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if run_args.stage not in (*STAGES, "both"):
-        raise ValueError(f"--stage must be stage1, stage2, quantized or both, got {run_args.stage!r}")
-    if run_args.stage != "both":
-        return [run_stage(run_args.stage, argv, run_args.recipe)]
-    first = run_stage("stage1", argv, run_args.recipe, stage_folder=True)
-    return [first, run_stage("stage2", argv, run_args.recipe, init_from=first, stage_folder=True)]
+    stages = ["stage1", "stage2"] if run_args.stage == "both" else run_args.stage.split(",")
+    unknown = [stage for stage in stages if stage not in STAGES]
+    if unknown:
+        raise ValueError(
+            f"--stage: unknown stage(s) {unknown}; expected one of {STAGES}, both, or a comma-separated list of them"
+        )
+    if len(stages) == 1:
+        return [run_stage(stages[0], argv, run_args.recipe)]
+    folders: list[str] = []
+    for stage in stages:
+        init_from = folders[-1] if folders else None
+        folders.append(run_stage(stage, argv, run_args.recipe, init_from=init_from, stage_folder=True))
+    return folders

@@ -17,12 +17,16 @@ LOGGED_TERMS = (
     "memory_reconstruction_loss",
     "scope_loss",
     "scope_gate",
+    "reasoning_answer_loss",
+    "reasoning_consistency_loss",
+    "reasoning_num_steps",
+    "distillation_loss",
 )
 
 
 class MicroVLMTrainer(Trainer):
     """loss = LM + α·InfoNCE + β·memory KL + γ·addressing KL (+ memory step loss, memory reconstruction, ScopeNet
-    BCE), weights from the model config.
+    BCE, reasoning answer CE and consistency BCE, distillation KL), weights from the model config.
 
     Each term (and ScopeNet's mean gate) is accumulated at every step and logged as its mean at each logging
     step, beside the Trainer's own `loss`; evaluation logs the same terms with the `eval_` prefix. Predictions
