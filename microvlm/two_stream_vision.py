@@ -6,9 +6,9 @@ contrast stream is blind to hue by construction: it sees, for every pixel, how f
 the image's median colour (its background, for objects on a plain or textured ground), scaled so that the
 farthest pixel is 1. A red triangle and a green triangle give it the same map, so the shape, count and position
 features it learns are the same for every colour. The RGB stream is left to tell the colours apart, and can see
-the image coarsened into blocks (`rgb_pool_factor`), too coarse to learn colour-specific shapes from.
+the image shrunk into block means (`rgb_pool_factor`), too coarse to learn colour-specific shapes from.
 
-    pixels (B, 3, H, W) ─┬─► coarse_view ─► rgb stream ──────────────► (B, C_rgb, h, w) ─┐
+    pixels (B, 3, H, W) ─┬─► coarse_view (B, 3, H/f, W/f) ─► rgb stream ─► (B, C_rgb, h, w) ─┐
                          └─► contrast_map (B, 1, H, W) ─► contrast stream ─► (B, C_c, h, w) ─┴─► (B, C_rgb + C_c, h, w)
 
 Both streams are any convolutional `AutoModel` (e.g. transformers' ResNet) returning `last_hidden_state` maps of
@@ -32,24 +32,24 @@ def _stream_config(value: "dict | PretrainedConfig | None", field: str) -> Pretr
 
 
 def coarse_view(pixel_values: torch.Tensor, factor: int) -> torch.Tensor:
-    """Images (B, C, H, W) averaged over `factor` × `factor` blocks, each block's mean repeated over the block:
-    the same size, the colours and where they are, but no detail finer than a block. `factor` 1 returns the input.
-    """
-    if factor == 1:
-        return pixel_values
-    blocks = nn.functional.avg_pool2d(pixel_values, factor)
-    return nn.functional.interpolate(blocks, scale_factor=factor, mode="nearest")
+    """Images (B, C, H, W) → (B, C, H / factor, W / factor), the means of `factor` × `factor` blocks: the colours and
+    where they are, but no detail finer than a block. `factor` 1 returns the input."""
+    return pixel_values if factor == 1 else nn.functional.avg_pool2d(pixel_values, factor)
 
 
 def contrast_map(pixel_values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """The hue-free contrast map of images (B, C, H, W): per pixel, the Euclidean distance of its C values from
-    the image's per-channel median, divided by the image's largest such distance. Returns (B, 1, H, W) in [0, 1].
+    the image's background colour, divided by the image's largest such distance. Returns (B, 1, H, W) in [0, 1].
 
-    Objects of any colour on a background that covers most of the image come out as the same bright silhouette
-    on a dark ground; a flat image gives all zeros.
+    The background colour is the per-channel median of a grid of about 16 × 16 pixels (every `H // 16`-th row and
+    column): as good as the median of all pixels for objects on a ground that covers most of the image, at a
+    fraction of the cost. Objects of any colour come out as the same bright silhouette on a dark ground; a flat
+    image gives all zeros.
     """
-    median = pixel_values.flatten(2).median(dim=-1).values[..., None, None]  # (B, C, 1, 1)
-    distance = (pixel_values - median).norm(dim=1, keepdim=True)  # (B, 1, H, W)
+    step = max(1, pixel_values.shape[-2] // 16), max(1, pixel_values.shape[-1] // 16)
+    grid = pixel_values[..., :: step[0], :: step[1]]
+    background = grid.flatten(2).median(dim=-1).values[..., None, None]  # (B, C, 1, 1)
+    distance = (pixel_values - background).norm(dim=1, keepdim=True)  # (B, 1, H, W)
     return distance / distance.flatten(1).amax(dim=1).clamp_min(eps)[:, None, None, None]
 
 
@@ -63,10 +63,11 @@ class TwoStreamVisionConfig(PretrainedConfig):
         contrast_config (`dict` or `PretrainedConfig`): the stream that sees the contrast map; must have
             `num_channels=1`.
         image_size (`int`): side of the square input images in pixels.
-        rgb_pool_factor (`int`): the RGB stream sees the image averaged over blocks of this many pixels a side
-            (`coarse_view`): enough to tell the colours and where they are, too coarse to learn shapes from, so
-            that shape is left to the contrast stream and cannot be learned as colour-specific appearances.
-            1: the full-resolution image. Must divide `image_size`.
+        rgb_pool_factor (`int`): the RGB stream sees the image shrunk by this factor, each pixel the mean of a
+            block (`coarse_view`): enough to tell the colours and where they are, too coarse to learn shapes from,
+            so that shape is left to the contrast stream and cannot be learned as colour-specific appearances (and
+            the RGB stream costs little). 1: the full-resolution image. Must divide `image_size`; the RGB stream's
+            config must downsample that much less for the two maps to match.
     """
 
     model_type = "microvlm_two_stream"
@@ -125,7 +126,8 @@ class TwoStreamVisionModel(PreTrainedModel):
         if rgb.shape[2:] != contrast.shape[2:]:
             raise ValueError(
                 f"TwoStreamVisionModel: the RGB stream's map is {tuple(rgb.shape[2:])} but the contrast stream's is "
-                f"{tuple(contrast.shape[2:])}; give both streams the same number of downsampling stages."
+                f"{tuple(contrast.shape[2:])}; make the streams downsample their inputs (the RGB stream's shrunk by "
+                "rgb_pool_factor) to the same size."
             )
         features = torch.cat([rgb, contrast], dim=1)
         pooled = features.mean((2, 3))

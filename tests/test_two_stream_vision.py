@@ -10,13 +10,14 @@ from microvlm.two_stream_vision import TwoStreamVisionConfig, TwoStreamVisionMod
 
 
 def stream(channels: int, widths: list[int]) -> dict:
-    """A 3-stage ResNet stream (64 px → 4 × 4 map)."""
+    """A ResNet stream with one stage per width: stem /4, then /2 per stage after the first (3 stages: 64 px → 4 × 4;
+    1 stage: 16 px → 4 × 4)."""
     return {
         "model_type": "resnet",
         "num_channels": channels,
         "embedding_size": widths[0],
         "hidden_sizes": widths,
-        "depths": [1, 1, 1],
+        "depths": [1] * len(widths),
         "layer_type": "basic",
         "downsample_in_first_stage": False,
     }
@@ -27,11 +28,12 @@ def small_config(**overrides) -> TwoStreamVisionConfig:
     return TwoStreamVisionConfig(**{**values, **overrides})
 
 
-def test_contrast_map_is_each_pixels_distance_from_the_median_colour_over_the_largest_distance():
-    pixels = torch.randn(3, 3, 20, 24, generator=torch.Generator().manual_seed(0))
+def test_contrast_map_is_each_pixels_distance_from_the_median_colour_of_a_16_by_16_grid_over_the_largest():
+    pixels = torch.randn(3, 3, 40, 52, generator=torch.Generator().manual_seed(0))
     array = pixels.numpy().astype(np.float64)
+    grid = array[:, :, ::2, ::3]  # every (40 // 16)-th row and (52 // 16)-th column
     # torch's median of an even count is the lower of the two middle values: take the same order statistic.
-    flat = np.sort(array.reshape(3, 3, -1), axis=-1)
+    flat = np.sort(grid.reshape(3, 3, -1), axis=-1)
     median = flat[..., (flat.shape[-1] - 1) // 2][..., None, None]
     distance = np.sqrt(((array - median) ** 2).sum(axis=1, keepdims=True))
     expected = distance / distance.reshape(3, -1).max(axis=1)[:, None, None, None]
@@ -52,11 +54,9 @@ def test_contrast_map_is_the_same_silhouette_whatever_the_colour_of_the_shapes()
     assert contrast_map(torch.full((1, 3, 8, 8), 0.3)).abs().max() == 0  # a flat image has no contrast
 
 
-def test_coarse_view_repeats_each_blocks_mean_over_the_block():
+def test_coarse_view_is_the_image_of_block_means():
     pixels = torch.randn(2, 3, 8, 12, generator=torch.Generator().manual_seed(1))
-    array = pixels.numpy()
-    means = array.reshape(2, 3, 2, 4, 3, 4).mean(axis=(3, 5))  # (B, C, H/4, W/4) block means
-    expected = means.repeat(4, axis=2).repeat(4, axis=3)
+    expected = pixels.numpy().reshape(2, 3, 2, 4, 3, 4).mean(axis=(3, 5))  # (B, C, H/4, W/4) block means
     torch.testing.assert_close(coarse_view(pixels, 4), torch.from_numpy(expected))
     assert coarse_view(pixels, 1) is pixels
 
@@ -68,7 +68,7 @@ def test_rgb_pool_factor_must_divide_the_image_size():
 
 def test_tower_output_is_the_rgb_streams_map_beside_the_contrast_streams_map():
     torch.manual_seed(0)
-    tower = AutoModel.from_config(small_config(rgb_pool_factor=4)).eval()
+    tower = AutoModel.from_config(small_config(rgb_config=stream(3, [16]), rgb_pool_factor=4)).eval()
     assert isinstance(tower, TwoStreamVisionModel)
     pixels = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_a_contrast_stream_with_more_than_one_input_channel_is_refused():
 def test_streams_with_different_map_sizes_are_refused_naming_the_fix():
     two_stage = {**stream(1, [8, 16]), "depths": [1, 1]}
     tower = AutoModel.from_config(small_config(contrast_config=two_stage))
-    with pytest.raises(ValueError, match="same number of downsampling stages"):
+    with pytest.raises(ValueError, match="downsample their inputs .* to the same size"):
         tower(pixel_values=torch.randn(1, 3, 64, 64))
 
 
