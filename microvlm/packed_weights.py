@@ -226,7 +226,8 @@ class PackedEmbedding(nn.Embedding):
 
 
 class PackedLinear(nn.Linear):
-    """`nn.Linear` (an untied LM head) whose packed weight runs the native kernel where it applies (`packed_matmul`)."""
+    """`nn.Linear` (an untied LM head) whose packed weight runs the native kernel where it applies
+    (`packed_matmul`)."""
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "PackedLinear":

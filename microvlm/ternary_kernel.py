@@ -225,12 +225,13 @@ inline __m256 scaled_bytes(__m128i bytes, __m256 scale) {  // 8 signed bytes →
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
 }
 
-// Elements c .. c + 63 of row r as 8 float vectors in order (requires w.chunked()).
-inline void dequantise_chunk(const PackedMatrix& w, int64_t r, int64_t c, __m256 out[8]) {
+// Elements c .. c + 63 of row r, whose scale is s, as 8 float vectors in order (requires w.chunked()).
+inline void dequantise_chunk(const PackedMatrix& w, int64_t r, int64_t c, float s, __m256 out[8]) {
+  const __m256 scale = _mm256_set1_ps(s);
   if (w.bits == 8) {
     const int8_t* p = w.int8_codes + r * w.cols + c;
-    const __m256 scale = _mm256_set1_ps(w.row_scales[r]);
-    for (int i = 0; i < 8; ++i) out[i] = scaled_bytes(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i)), scale);
+    for (int i = 0; i < 8; ++i)
+      out[i] = scaled_bytes(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i)), scale);
     return;
   }
   const int64_t e = r * w.cols + c;
@@ -241,7 +242,6 @@ inline void dequantise_chunk(const PackedMatrix& w, int64_t r, int64_t c, __m256
   // Interleaving within 128-bit lanes gives elements 0-15 | 32-47 and 16-31 | 48-63; the lane swaps restore order.
   const __m256i low = _mm256_unpacklo_epi8(even, odd), high = _mm256_unpackhi_epi8(even, odd);
   const __m256i halves[2] = {_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31)};
-  const __m256 scale = _mm256_set1_ps(static_cast<float>(w.group_scales[e / w.group]));
   for (int h = 0; h < 2; ++h) {
     const __m128i first = _mm256_castsi256_si128(halves[h]), second = _mm256_extracti128_si256(halves[h], 1);
     out[4 * h] = scaled_bytes(first, scale);
@@ -257,14 +257,28 @@ template <int T>
 void packed_dots(const PackedMatrix& w, int64_t r, const float* x, float dots[T]) {
 #if defined(__AVX2__)
   if (w.chunked()) {
-    __m256 acc[T], chunk[8];
-    for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+    // P independent accumulators per token, so that 4 FMA chains hide the FMA latency whatever T.
+    constexpr int P = T >= 4 ? 1 : 4 / T;
+    __m256 acc[T][P], chunk[8];
+    for (int t = 0; t < T; ++t)
+      for (int p = 0; p < P; ++p) acc[t][p] = _mm256_setzero_ps();
+    // int4: the group of the row's first element and the offset in it, advanced chunk by chunk (no division).
+    int64_t group_index = w.bits == 4 ? r * w.cols / w.group : 0, in_group = w.bits == 4 ? r * w.cols % w.group : 0;
     for (int64_t c = 0; c < w.cols; c += 64) {
-      dequantise_chunk(w, r, c, chunk);
+      const float s = w.bits == 8 ? w.row_scales[r] : static_cast<float>(w.group_scales[group_index]);
+      dequantise_chunk(w, r, c, s, chunk);
+      if (w.bits == 4 && (in_group += 64) == w.group) {
+        in_group = 0;
+        ++group_index;
+      }
       for (int t = 0; t < T; ++t)
-        for (int i = 0; i < 8; ++i) acc[t] = _mm256_fmadd_ps(chunk[i], _mm256_loadu_ps(x + t * w.cols + c + 8 * i), acc[t]);
+        for (int i = 0; i < 8; ++i)
+          acc[t][i % P] = _mm256_fmadd_ps(chunk[i], _mm256_loadu_ps(x + t * w.cols + c + 8 * i), acc[t][i % P]);
     }
-    for (int t = 0; t < T; ++t) dots[t] = horizontal_sum(acc[t]);
+    for (int t = 0; t < T; ++t) {
+      for (int p = 1; p < P; ++p) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][p]);
+      dots[t] = horizontal_sum(acc[t][0]);
+    }
     return;
   }
 #endif
