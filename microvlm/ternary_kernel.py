@@ -150,7 +150,9 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, int64_t
   auto sums = at::empty({tokens}, x.options().dtype(at::kInt));
   quantise_tokens(x.data_ptr<float>(), tokens, cols, levels, q.data_ptr<int8_t>(), absmax.data_ptr<float>(),
                   sums.data_ptr<int32_t>());
-  const float inverse_scale = weight_scale.to(at::kFloat).item<float>();
+  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.numel() == 1,
+              "ternary_linear: weight_scale must be one float32 value");
+  const float inverse_scale = *weight_scale.data_ptr<float>();
   auto out = at::empty({tokens, out_features}, x.options());
   float* y = out.data_ptr<float>();
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -433,7 +435,7 @@ def ternary_linear(
     if kernel is None:
         return None
     flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = kernel(flat, packed.contiguous(), out_features, weight_scale, bias, bits)
+    y = kernel(flat, packed.contiguous(), out_features, weight_scale.float(), bias, bits)
     return y.view(*x.shape[:-1], out_features).to(x.dtype)
 
 
