@@ -21,7 +21,9 @@ float32 weight dequantised on access (state-dict keys `<module>.parametrizations
 parameter — a conv kernel, `nn.MultiheadAttention.in_proj_weight`, the memory prior — can be stored packed.
 A quantised embedding that the LM head was tied to ("tied_lm_head": true; the config then says
 `tie_word_embeddings=False`, since transformers cannot tie to a parametrized weight) is read by `TiedLMHead`, so it
-is stored once.
+is stored once. A packed embedding is a `PackedEmbedding`, whose lookup dequantises only the rows it reads; the LM
+head (`TiedLMHead`, or `PackedLinear` when untied) runs the native int8/int4 kernel (`ternary_kernel.packed_linear`)
+on the stored codes on the CPU, so the vocab × hidden matrix is never dequantised whole at inference.
 
 This module is shipped as Hugging Face remote code: it depends on torch and the other shipped modules only.
 """

@@ -22,9 +22,10 @@ per weight instead of 32 and never materialised in float.
 The C++ source is embedded below so that it travels with the remote code of an exported folder (transformers
 copies the `.py` files a model's code imports, nothing else). It is compiled on first use through
 `torch.utils.cpp_extension.load_inline` (g++ and ninja; `pip install ninja` provides the latter) into torch's
-extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2` where torch reports
-AVX2 and as portable scalar C++ elsewhere. When it cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers
-get `None` from `load_ternary_kernel` (one warning) and keep the PyTorch path: same results up to float rounding.
+extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2 -mfma` where torch
+reports AVX2 and as portable scalar C++ elsewhere (or everywhere with `MICROVLM_TERNARY_KERNEL=portable`). When it
+cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers get `None` from `load_ternary_kernel` (one warning)
+and keep the PyTorch path: same results up to float rounding.
 
 This module is shipped as Hugging Face remote code: it depends on torch only.
 """
@@ -351,9 +352,11 @@ _state: dict[str, object] = {}
 
 
 def kernel_flags() -> list[str]:
-    """Compiler flags for this CPU: AVX2 where torch reports it (AVX2 or AVX-512 capability), else portable C++."""
+    """Compiler flags for this CPU: AVX2 where torch reports it (AVX2 or AVX-512 capability), else portable C++;
+    `MICROVLM_TERNARY_KERNEL=portable` asks for the portable C++ everywhere (how the tests check it)."""
     flags = ["-O3"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+    portable = os.environ.get(ENVIRONMENT_SWITCH) == "portable"
+    if not portable and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
         flags += ["-mavx2", "-mfma"]  # torch's AVX2 capability implies FMA3
     return flags
 

@@ -3,6 +3,10 @@ its fallback to the PyTorch path."""
 
 import copy
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -184,3 +188,46 @@ def test_packed_embedding_dequantises_only_the_rows_it_reads(form, monkeypatch):
 
         monkeypatch.setattr(parametrization, "forward", whole_matrix)
     assert torch.equal(packed(ids), expected)
+
+
+PORTABLE = """
+import sys, torch
+from microvlm import ternary_kernel
+assert "-mavx2" not in ternary_kernel.kernel_flags()
+cases = torch.load(sys.argv[1])
+outputs = [ternary_kernel.ternary_linear(*cases["ternary"])]
+outputs += [ternary_kernel.packed_linear(*case) for case in cases["packed"]]
+torch.save(outputs, sys.argv[2])
+"""
+
+
+def test_portable_build_equals_the_references(kernel, tmp_path):
+    """The scalar C++ (what a CPU without AVX2 compiles), forced by MICROVLM_TERNARY_KERNEL=portable in a fresh
+    process (one extension per process): same references as the AVX2 build, on shapes the AVX2 build vectorises."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2112)
+    packed, scale = pack_ternary(torch.randn(13, 2112))
+    bias = torch.randn(13)
+    weight, head_x = torch.randn(19, 192), torch.randn(6, 192)
+    forms = packed_forms((19, 192), 64)
+    stored = [form.right_inverse(weight) for form in forms]
+    cases = {
+        "ternary": (x, packed, 13, scale, bias, 8),
+        "packed": [(head_x, *stored[0], 19, 8, 0), (head_x, *stored[1], 19, 4, 64)],
+    }
+    torch.save(cases, tmp_path / "cases.pt")
+    env = {**os.environ, ternary_kernel.ENVIRONMENT_SWITCH: "portable"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", PORTABLE, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ternary, *heads = torch.load(tmp_path / "out.pt")
+    expected = reference(x, packed, scale, 13, bias, 8)
+    torch.testing.assert_close(ternary.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    for form, values, y in zip(forms, stored, heads, strict=True):
+        expected = head_x.double() @ form(*values).double().T
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
