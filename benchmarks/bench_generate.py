@@ -7,10 +7,12 @@
   code, with the native kernels (`microvlm/ternary_kernel.py`: ternary body and packed LM head) and with the
   pure-PyTorch fallback (skipped with --skip_fallback), same prompt and memory.
 
-prefill = time of `generate(max_new_tokens=1)`; decode ms/token = (time of `generate(N)` − prefill) / (N − 1), with
-N = --new_tokens; medians of --repeats after a warm-up. Generation runs without an end-of-sequence token, so every
-call makes N tokens and no per-step logits processor (such as `min_new_tokens`'s) is timed. Ratios are speeds (time
-of the reference / time of the row). The last lines split one decode step of the exported model with the kernels
+Each row runs `generate(max_new_tokens=N)` (N = --new_tokens) --repeats times after a warm-up, with a logits
+processor that only records when each step's logits arrive: prefill = median time from the call to the first
+logits; decode ms/token = median time between consecutive steps' logits (one forward, the greedy choice and the
+cache update), so a noisy prefill does not leak into decode. Generation runs without an end-of-sequence token, so
+every call makes N tokens and no other per-step processor (such as `min_new_tokens`'s) is timed. Ratios are speeds
+(time of the reference / time of the row). The last lines split one decode step of the exported model with the kernels
 (`torch.profiler` over `generate(N)` minus `generate(1)`, self CPU time per token): LM head, ternary layers,
 attention, the rest. The machine's load averages are printed before and after: a shared machine slows every row.
 """
@@ -18,12 +20,14 @@ attention, the rest. The machine's load averages are printed before and after: a
 import argparse
 import logging
 import os
+import statistics
 import tempfile
+import time
 
 import torch
-from bench_memory import median_seconds
 from torch.profiler import ProfilerActivity, profile
-from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessorList, Qwen2ForCausalLM
+from transformers.generation import LogitsProcessor
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
 from microvlm.export import WeightFormats, write_export
@@ -41,20 +45,39 @@ def prompt(config: MicroVLMConfig, text_tokens: int, rows: int = 1) -> dict[str,
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(rows, 3, size, size)}
 
 
-def generate(model, inputs: dict, tokens: int) -> torch.Tensor:
+class StepClock(LogitsProcessor):
+    """Records the time at which each generation step's logits arrive (scores unchanged)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def generate(model, inputs: dict, tokens: int, clock: StepClock | None = None) -> torch.Tensor:
     """Greedy generation of exactly `tokens` new tokens (no end-of-sequence token)."""
-    out = model.generate(**inputs, max_new_tokens=tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    processors = LogitsProcessorList([clock] if clock is not None else [])
+    settings = {"max_new_tokens": tokens, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    out = model.generate(**inputs, **settings, logits_processor=processors)
     if out.shape[1] != inputs["input_ids"].shape[1] + tokens:
         raise RuntimeError(f"generate made {out.shape[1] - inputs['input_ids'].shape[1]} tokens, not {tokens}")
     return out
 
 
 def timings(model, inputs: dict, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per token) of greedy generation."""
+    """(prefill seconds, decode seconds per token) of greedy generation: medians over --repeats calls after a
+    warm-up of the time to the first logits and of the time between consecutive steps' logits."""
     model.generation_config.eos_token_id = None
-    prefill = median_seconds(lambda: generate(model, inputs, 1), repeats)
-    total = median_seconds(lambda: generate(model, inputs, new_tokens), repeats)
-    return prefill, (total - prefill) / (new_tokens - 1)
+    generate(model, inputs, 2)
+    prefills, steps = [], []
+    for _ in range(repeats):
+        clock, start = StepClock(), time.perf_counter()
+        generate(model, inputs, new_tokens, clock)
+        prefills.append(clock.times[0] - start)
+        steps += [later - earlier for earlier, later in zip(clock.times, clock.times[1:])]
+    return statistics.median(prefills), statistics.median(steps)
 
 
 DECODE_PARTS = {  # profiler operator → part of a decode step
