@@ -228,7 +228,8 @@ inline __m256 scaled_bytes(__m128i bytes, __m256 scale) {  // 8 signed bytes →
   return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
 }
 
-// Elements c .. c + 63 of row r, whose scale is s, as 8 float vectors in order (requires w.chunked()).
+// Elements c .. c + 63 of row r, whose scale is s, as 8 float vectors (requires w.chunked()): in order for int8,
+// in the order of `interleave_chunks` for int4 (no lane shuffles).
 inline void dequantise_chunk(const PackedMatrix& w, int64_t r, int64_t c, float s, __m256 out[8]) {
   const __m256 scale = _mm256_set1_ps(s);
   if (w.bits == 8) {
@@ -237,25 +238,26 @@ inline void dequantise_chunk(const PackedMatrix& w, int64_t r, int64_t c, float 
       out[i] = scaled_bytes(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i)), scale);
     return;
   }
-  const int64_t e = r * w.cols + c;
-  const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.int4_codes + e / 2));
-  const __m256i mask = _mm256_set1_epi8(15), eight = _mm256_set1_epi8(8);
-  const __m256i even = _mm256_sub_epi8(_mm256_and_si256(bytes, mask), eight);
-  const __m256i odd = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask), eight);
-  // Interleaving within 128-bit lanes gives elements 0-15 | 32-47 and 16-31 | 48-63; the lane swaps restore order.
-  const __m256i low = _mm256_unpacklo_epi8(even, odd), high = _mm256_unpackhi_epi8(even, odd);
-  const __m256i halves[2] = {_mm256_permute2x128_si256(low, high, 0x20), _mm256_permute2x128_si256(low, high, 0x31)};
-  for (int h = 0; h < 2; ++h) {
-    const __m128i first = _mm256_castsi256_si128(halves[h]), second = _mm256_extracti128_si256(halves[h], 1);
-    out[4 * h] = scaled_bytes(first, scale);
-    out[4 * h + 1] = scaled_bytes(_mm_srli_si128(first, 8), scale);
-    out[4 * h + 2] = scaled_bytes(second, scale);
-    out[4 * h + 3] = scaled_bytes(_mm_srli_si128(second, 8), scale);
+  // int4: dword j of the 32 bytes holds elements 8j .. 8j + 7 (nibble n = element 8j + n), so shifting every dword
+  // by 4n and masking gives elements {8j + n}: out[n] is in the order of x permuted by `interleave_chunks`.
+  const __m256i bytes =
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.int4_codes + (r * w.cols + c) / 2));
+  const __m256i mask = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  for (int n = 0; n < 8; ++n) {
+    const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(bytes, 4 * n), mask);
+    out[n] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(codes, eight)), scale);
   }
+}
+
+// x (tokens, cols) → each 64-element chunk transposed as an 8 × 8 block, element c + 8n + j = x[c + 8j + n]: the
+// order in which `dequantise_chunk` yields int4 weights.
+at::Tensor interleave_chunks(const at::Tensor& x) {
+  return x.view({x.size(0), x.size(1) / 64, 8, 8}).transpose(2, 3).contiguous().view({x.size(0), x.size(1)});
 }
 #endif
 
-// dots[t] = sum_c W[r, c] * x[t * cols + c] for T tokens; each chunk of weights is dequantised once for all T.
+// dots[t] = sum_c W[r, c] * x[t * cols + c] for T tokens (x in `dequantise_chunk`'s order on the vector path);
+// each chunk of weights is dequantised once for all T.
 template <int T>
 void packed_dots(const PackedMatrix& w, int64_t r, const float* x, float dots[T]) {
 #if defined(__AVX2__)
@@ -319,7 +321,12 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   }
   auto out = at::empty({tokens, out_features}, x.options());
   float* y = out.data_ptr<float>();
-  const float* xs = x.data_ptr<float>();
+#if defined(__AVX2__)
+  const at::Tensor xt = bits == 4 && w.chunked() ? interleave_chunks(x) : x;
+#else
+  const at::Tensor xt = x;
+#endif
+  const float* xs = xt.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
     for (int64_t block = 0; block < tokens; block += kTokenBlock) {
