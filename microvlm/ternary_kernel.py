@@ -30,6 +30,7 @@ and keep the PyTorch path: same results up to float rounding.
 This module is shipped as Hugging Face remote code: it depends on torch only.
 """
 
+import hashlib
 import logging
 import os
 import sys
@@ -381,8 +382,11 @@ def build_kernel() -> None:
     os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{path}"
     try:
         flags = kernel_flags()
+        # The source's hash in the name: two versions of this file (two exported folders, two checkouts) build
+        # into their own folders of the shared cache instead of rebuilding, or loading, each other's library.
+        digest = hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:12]
         cpp_extension.load_inline(
-            f"microvlm_ternary_{'avx2' if '-mavx2' in flags else 'portable'}",
+            f"microvlm_ternary_{'avx2' if '-mavx2' in flags else 'portable'}_{digest}",
             KERNEL_SOURCE,
             extra_cflags=flags,
             is_python_module=False,
