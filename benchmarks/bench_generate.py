@@ -2,22 +2,32 @@
 
 * plain `Qwen2ForCausalLM` (the same text config) in float32 and bfloat16, on a prompt of the same length;
 * MicroVLM in float32 and bfloat16: one image prefix + text, memory on with an episode of --episode written steps;
-* the exported ternary MicroVLM (LM body trained with `lm_use_bitnet`, packed by `python -m microvlm.export
-  --embedding fp32 --vision fp32 --rest fp32`, loaded through its remote code), with the native kernel
-  (`microvlm/ternary_kernel.py`) and with the pure-PyTorch fallback, same prompt and memory.
+* the exported MicroVLM in the default form of `python -m microvlm.export` (ternary LM body trained with
+  `lm_use_bitnet`, int4 tied embedding / LM head, int8 vision tower, adapter and memory), loaded through its remote
+  code, with the native kernels (`microvlm/ternary_kernel.py`: ternary body and packed LM head) and with the
+  pure-PyTorch fallback (skipped with --skip_fallback), same prompt and memory.
 
-prefill = time of `generate(max_new_tokens=1)`; decode ms/token = (time of `generate(N)` − prefill) / (N − 1), with
-N = --new_tokens; medians of --repeats after a warm-up. Ratios are speeds (time of the reference / time of the row).
-The last lines split one ternary decode step: the fp32 LM head (vocab × hidden) against the rest.
+Each row runs `generate(max_new_tokens=N)` (N = --new_tokens) --repeats times after a warm-up, with a logits
+processor that only records when each step's logits arrive: prefill = median time from the call to the first
+logits; decode ms/token = median time between consecutive steps' logits (one forward, the greedy choice and the
+cache update), so a noisy prefill does not leak into decode. Generation runs without an end-of-sequence token, so
+every call makes N tokens and no other per-step processor (such as `min_new_tokens`'s) is timed. Ratios are speeds
+(time of the reference / time of the row). The last lines split one decode step of the exported model with the kernels
+(`torch.profiler` over `generate(N)` minus `generate(1)`, self CPU time per token): LM head, ternary layers,
+attention, the rest. The machine's load averages are printed before and after: a shared machine slows every row.
 """
 
 import argparse
 import logging
+import os
+import statistics
 import tempfile
+import time
 
 import torch
-from bench_memory import median_seconds
-from transformers import AutoModelForCausalLM, Qwen2ForCausalLM
+from torch.profiler import ProfilerActivity, profile
+from transformers import AutoModelForCausalLM, LogitsProcessorList, Qwen2ForCausalLM
+from transformers.generation import LogitsProcessor
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM
 from microvlm.export import WeightFormats, write_export
@@ -35,15 +45,63 @@ def prompt(config: MicroVLMConfig, text_tokens: int, rows: int = 1) -> dict[str,
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": torch.randn(rows, 3, size, size)}
 
 
+class StepClock(LogitsProcessor):
+    """Records the time at which each generation step's logits arrive (scores unchanged)."""
+
+    def __init__(self):
+        self.times: list[float] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self.times.append(time.perf_counter())
+        return scores
+
+
+def generate(model, inputs: dict, tokens: int, clock: StepClock | None = None) -> torch.Tensor:
+    """Greedy generation of exactly `tokens` new tokens (no end-of-sequence token)."""
+    processors = LogitsProcessorList([clock] if clock is not None else [])
+    settings = {"max_new_tokens": tokens, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
+    out = model.generate(**inputs, **settings, logits_processor=processors)
+    if out.shape[1] != inputs["input_ids"].shape[1] + tokens:
+        raise RuntimeError(f"generate made {out.shape[1] - inputs['input_ids'].shape[1]} tokens, not {tokens}")
+    return out
+
+
 def timings(model, inputs: dict, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per token) of greedy generation."""
+    """(prefill seconds, decode seconds per token) of greedy generation: medians over --repeats calls after a
+    warm-up of the time to the first logits and of the time between consecutive steps' logits."""
+    model.generation_config.eos_token_id = None
+    generate(model, inputs, 2)
+    prefills, steps = [], []
+    for _ in range(repeats):
+        clock, start = StepClock(), time.perf_counter()
+        generate(model, inputs, new_tokens, clock)
+        prefills.append(clock.times[0] - start)
+        steps += [later - earlier for earlier, later in zip(clock.times, clock.times[1:])]
+    return statistics.median(prefills), statistics.median(steps)
 
-    def generate(tokens: int):
-        return model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
 
-    prefill = median_seconds(lambda: generate(1), repeats)
-    total = median_seconds(lambda: generate(new_tokens), repeats)
-    return prefill, (total - prefill) / (new_tokens - 1)
+DECODE_PARTS = {  # profiler operator → part of a decode step
+    "microvlm_ternary::packed_linear": "LM head (packed int4 kernel)",
+    "microvlm_ternary::linear": "ternary layers (kernel)",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+}
+
+
+def decode_breakdown(model, inputs: dict, new_tokens: int) -> dict[str, float]:
+    """Self CPU seconds per decode token by part (`DECODE_PARTS`, else "the rest"): profile of generate(N) minus
+    that of generate(1), over N − 1."""
+
+    def profiled(tokens: int) -> dict[str, float]:
+        with profile(activities=[ProfilerActivity.CPU]) as profiler:
+            generate(model, inputs, tokens)
+        parts: dict[str, float] = {}
+        for event in profiler.key_averages():
+            part = DECODE_PARTS.get(event.key, "the rest (norms, rotary, projections' glue, generate loop)")
+            parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total / 1e6
+        return parts
+
+    prefill, total = profiled(1), profiled(new_tokens)
+    return {part: (seconds - prefill.get(part, 0.0)) / (new_tokens - 1) for part, seconds in total.items()}
 
 
 def microvlm_inputs(model, config: MicroVLMConfig, inputs: dict, episode: int, dtype: torch.dtype) -> dict:
@@ -59,8 +117,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name, default in {"new_tokens": 8, "text_tokens": 16, "episode": 2, "repeats": 2}.items():
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, one per core)")
+    parser.add_argument("--skip_fallback", action="store_true", help="skip the slow pure-PyTorch ternary row")
     args = parser.parse_args()
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()
     torch.manual_seed(0)
     config = MicroVLMConfig.from_preset("microvlm-v", use_memory=True)
     inputs = prompt(config, args.text_tokens)
@@ -75,27 +138,29 @@ def main() -> None:
         del model
     with tempfile.TemporaryDirectory() as folder:
         config.lm_use_bitnet = True
-        write_export(
-            MicroVLMForCausalLM(config).eval(),
-            None,
-            folder,
-            WeightFormats(embedding="fp32", vision="fp32", rest="fp32"),
-        )
+        write_export(MicroVLMForCausalLM(config).eval(), None, folder, WeightFormats())
         ternary = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     ternary_inputs = microvlm_inputs(ternary, config, inputs, args.episode, torch.float32)
-    kernel = "kernel" if load_ternary_kernel() is not None else "kernel NOT BUILT"
-    rows[f"ternary MicroVLM, {kernel}"] = timings(ternary, ternary_inputs, args.new_tokens, args.repeats)
-    with ternary_kernel_disabled():
-        rows["ternary MicroVLM, fallback"] = timings(ternary, ternary_inputs, args.new_tokens, args.repeats)
-    hidden = torch.randn(1, 1, config.text_config.hidden_size)
-    head = median_seconds(lambda: ternary.lm_head(hidden), 5)
-    print_table(rows, args, head)
+    kernel = "kernels" if load_ternary_kernel() is not None else "kernels NOT BUILT"
+    rows[f"1.58-bit export, {kernel}"] = timings(ternary, ternary_inputs, args.new_tokens, args.repeats)
+    breakdown = decode_breakdown(ternary, ternary_inputs, args.new_tokens)
+    if not args.skip_fallback:
+        with ternary_kernel_disabled():
+            rows["1.58-bit export, fallback"] = timings(ternary, ternary_inputs, args.new_tokens, args.repeats)
+    print_table(rows, args, breakdown, (load_before, os.getloadavg()))
 
 
-def print_table(rows: dict[str, tuple[float, float]], args: argparse.Namespace, head: float) -> None:
+def print_table(
+    rows: dict[str, tuple[float, float]],
+    args: argparse.Namespace,
+    breakdown: dict[str, float],
+    loads: tuple[tuple[float, ...], tuple[float, ...]],
+) -> None:
+    before, after = (", ".join(f"{x:.2f}" for x in load) for load in loads)
     print(
         f"microvlm-v dims, random weights, {torch.get_num_threads()} threads; prompt: image prefix + "
-        f"{args.text_tokens} text tokens, {args.new_tokens} new tokens, memory: {args.episode} steps"
+        f"{args.text_tokens} text tokens, {args.new_tokens} new tokens, memory: {args.episode} steps; load average "
+        f"(1, 5, 15 min) before {before}, after {after}"
     )
     print(f"{'model':<28} | prefill s | decode ms/token | speed vs MicroVLM fp32 | vs MicroVLM bf16")
     for name, (prefill, decode) in rows.items():
@@ -105,11 +170,9 @@ def print_table(rows: dict[str, tuple[float, float]], args: argparse.Namespace, 
         )
     for name in ("fp32", "bf16"):
         print(f"MicroVLM / Qwen2 decode speed, {name}: {rows[f'Qwen2 {name}'][1] / rows[f'MicroVLM {name}'][1]:.2f}")
-    ternary = rows[next(name for name in rows if "kernel" in name)][1]
-    print(
-        f"ternary decode step: fp32 LM head {head * 1e3:.1f} ms, the rest (ternary body, attention, memory) "
-        f"{(ternary - head) * 1e3:.1f} ms"
-    )
+    print("1.58-bit export with kernels, one decode step by part (profiled, self CPU ms/token):")
+    for part, seconds in sorted(breakdown.items(), key=lambda item: -item[1]):
+        print(f"  {part:<58} {seconds * 1e3:8.1f}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,9 @@ float32 weight dequantised on access (state-dict keys `<module>.parametrizations
 parameter — a conv kernel, `nn.MultiheadAttention.in_proj_weight`, the memory prior — can be stored packed.
 A quantised embedding that the LM head was tied to ("tied_lm_head": true; the config then says
 `tie_word_embeddings=False`, since transformers cannot tie to a parametrized weight) is read by `TiedLMHead`, so it
-is stored once.
+is stored once. A packed embedding is a `PackedEmbedding`, whose lookup dequantises only the rows it reads; the LM
+head (`TiedLMHead`, or `PackedLinear` when untied) runs the native int8/int4 kernel (`ternary_kernel.packed_linear`)
+on the stored codes on the CPU, so the vocab × hidden matrix is never dequantised whole at inference.
 
 This module is shipped as Hugging Face remote code: it depends on torch and the other shipped modules only.
 """
@@ -37,7 +39,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .bitnet import BitLinear, pack_ternary, quantise_activations, ternary_codes, unpack_ternary
-from .ternary_kernel import ternary_linear
+from .ternary_kernel import packed_linear, ternary_linear
 
 
 COMPONENT_FORMATS = {
@@ -109,11 +111,23 @@ class Float16Weight(nn.Module):
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor]:
         return (weight.detach().half(),)
 
+    def rows(self, index: torch.Tensor, stored: torch.Tensor) -> torch.Tensor:
+        """Rows `index` (n,) of the weight (d₀, …) → (n, …): what `forward(...)[index]` gives, reading those rows."""
+        return stored[index].to(self.dtype)
+
+    def linear(self, x: torch.Tensor, *stored: torch.Tensor) -> torch.Tensor | None:
+        """x Wᵀ by the native kernel (`ternary_kernel.packed_linear`) where it applies, else `None`."""
+        return None
+
 
 class Int8Weight(Float16Weight):
     """Parametrization: per-row (dim 0) symmetric absmax int8, W ≈ q · s (module docstring)."""
 
     def forward(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return self.values(codes, scales)
+
+    def values(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Rows of codes (n, …) int8 with their scales (n, 1, …) → weights q · s (n, …)."""
         return (codes.float() * scales).to(self.dtype)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -121,6 +135,14 @@ class Int8Weight(Float16Weight):
         scales = weight.abs().amax(dim=tuple(range(1, weight.dim())), keepdim=True) / 127
         codes = (weight / scales.clamp(min=FLOAT16_TINY)).round().clamp(-127, 127)
         return codes.to(torch.int8), scales
+
+    def rows(self, index: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        return self.values(codes[index], scales[index])
+
+    def linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+        if codes.dim() != 2:
+            return None
+        return packed_linear(x, codes, scales, codes.shape[0], bits=8)
 
 
 class Int4Weight(Float16Weight):
@@ -134,9 +156,28 @@ class Int4Weight(Float16Weight):
         self.shape, self.group_size = tuple(shape), group_size
 
     def forward(self, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-        nibbles = torch.stack([codes & 15, codes >> 4], dim=-1).view(-1, self.group_size)
-        values = (nibbles.float() - 8) * scales.float()
+        values = self.groups(codes.view(-1, self.group_size // 2), scales)
         return values.flatten()[: math.prod(self.shape)].view(self.shape).to(self.dtype)
+
+    @staticmethod
+    def groups(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Packed groups (..., G / 2) uint8 with scales (..., 1) → float32 values (..., G), element 2i from the low
+        nibble of byte i: (code − 8) · s."""
+        nibbles = torch.stack([codes & 15, codes >> 4], dim=-1).flatten(-2)
+        return (nibbles.float() - 8) * scales.float()
+
+    def rows(self, index: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """Rows `index` of a matrix whose rows are whole groups: only those groups are unpacked."""
+        if len(self.shape) != 2 or self.shape[1] % self.group_size:
+            return super().rows(index, self(codes, scales))
+        rows = self.shape[0]
+        values = self.groups(codes.view(rows, -1, self.group_size // 2)[index], scales.view(rows, -1, 1)[index])
+        return values.flatten(-2).to(self.dtype)
+
+    def linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
+        if len(self.shape) != 2:
+            return None
+        return packed_linear(x, codes, scales, self.shape[0], bits=4, group_size=self.group_size)
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = weight.detach().float().flatten()
@@ -147,16 +188,72 @@ class Int4Weight(Float16Weight):
         return pairs[:, 0] | (pairs[:, 1] << 4), scales
 
 
+def stored_weight(module: nn.Module) -> tuple[Float16Weight, tuple[torch.Tensor, ...]] | None:
+    """(parametrization, stored tensors) of `module.weight` when it is stored in one of the packed forms above."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    parametrizations = module.parametrizations.weight
+    if len(parametrizations) != 1 or not isinstance(parametrizations[0], Float16Weight):
+        return None
+    stored = tuple(getattr(parametrizations, f"original{i}") for i in range(parametrizations.ntensors))
+    return parametrizations[0], stored
+
+
+def packed_matmul(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+    """x (..., in) · Wᵀ for `module.weight` W (out, in): the native kernel on its packed form where it applies
+    (`Int8Weight.linear`, `Int4Weight.linear`), else x times the dequantised W."""
+    stored = stored_weight(module)
+    y = stored[0].linear(x, *stored[1]) if stored is not None else None
+    return y if y is not None else nn.functional.linear(x, module.weight.to(x.dtype))
+
+
+class PackedEmbedding(nn.Embedding):
+    """`nn.Embedding` whose packed weight (int8/int4/fp16 parametrization) is read row by row: a lookup dequantises
+    the rows it reads (`rows`), which equal the same rows of the whole dequantised matrix, instead of all of them."""
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding) -> "PackedEmbedding":
+        """The same embedding (its weight Parameter shared), before its parametrization is registered."""
+        packed = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx, device="meta")
+        packed.weight = embedding.weight
+        return packed
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids (...) → (..., dim)."""
+        stored = stored_weight(self)
+        if stored is None:
+            return super().forward(input_ids)
+        form, tensors = stored
+        return form.rows(input_ids.flatten(), *tensors).view(*input_ids.shape, self.embedding_dim)
+
+
+class PackedLinear(nn.Linear):
+    """`nn.Linear` (an untied LM head) whose packed weight runs the native kernel where it applies
+    (`packed_matmul`)."""
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
+        """The same layer (its Parameters shared), before its parametrization is registered."""
+        packed = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        packed.weight, packed.bias = linear.weight, linear.bias
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = packed_matmul(x, self)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
 class TiedLMHead(nn.Module):
-    """LM head tied to a parametrized (quantised) input embedding E (vocab, hidden): logits = h Eᵀ. The embedding
-    is referenced, not registered, so its codes are stored once, under the embedding's name."""
+    """LM head tied to a parametrized (quantised) input embedding E (vocab, hidden): logits = h Eᵀ, by the native
+    kernel on the packed E where it applies (`packed_matmul`). The embedding is referenced, not registered, so its
+    codes are stored once, under the embedding's name."""
 
     def __init__(self, embedding: nn.Embedding):
         super().__init__()
         self._embedding = [embedding]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return nn.functional.linear(hidden, self._embedding[0].weight.to(hidden.dtype))
+        return packed_matmul(hidden, self._embedding[0])
 
 
 def component_of(name: str) -> str:
@@ -214,6 +311,11 @@ def apply_weight_formats(model: nn.Module, formats: dict) -> None:
                 f"weight_formats: LM body stored 'ternary' but {body[0]} is a plain Linear; "
                 "call model.enable_bitnet(language_model=True) first (post-training ternarisation)"
             )
+    if formats.get("embedding", "fp32") != "fp32":  # read row by row / through the kernel once packed
+        if type(model.get_input_embeddings()) is nn.Embedding:
+            model.set_input_embeddings(PackedEmbedding.from_embedding(model.get_input_embeddings()))
+        if not formats.get("tied_lm_head") and type(model.lm_head) is nn.Linear:
+            model.lm_head = PackedLinear.from_linear(model.lm_head)
     if formats.get("tied_lm_head"):
         model.lm_head = TiedLMHead(model.get_input_embeddings())
     for name, module in list(model.named_modules()):
@@ -223,8 +325,13 @@ def apply_weight_formats(model: nn.Module, formats: dict) -> None:
                 continue
             form = parametrization_for(parameter, formats.get(component_of(full_name), "fp32"), group_size)
             if form is not None:
-                parameter.requires_grad_(False)
-                parametrize.register_parametrization(module, parameter_name, form, unsafe=True)
+                store_packed(module, parameter_name, form)
+
+
+def store_packed(module: nn.Module, name: str, form: Float16Weight) -> None:
+    """Store `module.<name>` in the packed form `form` (frozen: the codes have no gradient)."""
+    getattr(module, name).requires_grad_(False)
+    parametrize.register_parametrization(module, name, form, unsafe=True)
 
 
 def check_safetensors_files(folder: str | os.PathLike) -> None:

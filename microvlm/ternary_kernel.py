@@ -13,16 +13,24 @@ dequantised x_q, `PackedBitLinear`'s PyTorch path) by float rounding only. Threa
 intra-op pool) split the packed rows; tokens are taken in pairs so that each byte of weights is unpacked once per
 two tokens, and in blocks of 64 so that a block's activations stay in cache.
 
+The same extension holds `packed_linear`, the packed LM head: x · Wᵀ for W stored as `packed_weights.Int8Weight`
+(int8 per row) or `Int4Weight` (int4 groups), float activations. Each weight is dequantised in registers to exactly
+the float32 value PyTorch's dequantisation gives, (q − 8) · s or q · s, and multiplied by x with float32 FMAs
+(64 weights per step, 4 tokens per pass over a row), so the 136M-weight head of "microvlm-v" is read at 4 or 8 bits
+per weight instead of 32 and never materialised in float.
+
 The C++ source is embedded below so that it travels with the remote code of an exported folder (transformers
 copies the `.py` files a model's code imports, nothing else). It is compiled on first use through
 `torch.utils.cpp_extension.load_inline` (g++ and ninja; `pip install ninja` provides the latter) into torch's
-extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2` where torch reports
-AVX2 and as portable scalar C++ elsewhere. When it cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers
-get `None` from `load_ternary_kernel` (one warning) and keep the PyTorch path: same results up to float rounding.
+extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2 -mfma` where torch
+reports AVX2 and as portable scalar C++ elsewhere (or everywhere with `MICROVLM_TERNARY_KERNEL=portable`). When it
+cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers get `None` from `load_ternary_kernel` (one warning)
+and keep the PyTorch path: same results up to float rounding.
 
 This module is shipped as Hugging Face remote code: it depends on torch only.
 """
 
+import hashlib
 import logging
 import os
 import sys
@@ -144,7 +152,9 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, int64_t
   auto sums = at::empty({tokens}, x.options().dtype(at::kInt));
   quantise_tokens(x.data_ptr<float>(), tokens, cols, levels, q.data_ptr<int8_t>(), absmax.data_ptr<float>(),
                   sums.data_ptr<int32_t>());
-  const float inverse_scale = weight_scale.to(at::kFloat).item<float>();
+  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.numel() == 1,
+              "ternary_linear: weight_scale must be one float32 value");
+  const float inverse_scale = *weight_scale.data_ptr<float>();
   auto out = at::empty({tokens, out_features}, x.options());
   float* y = out.data_ptr<float>();
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
@@ -185,11 +195,164 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, int64_t
   return out;
 }
 
+// ---- int8 / int4 weights × float activations (the packed LM head), packed_weights.Int8Weight / Int4Weight ----
+
+// A (rows, cols) matrix as packed_weights stores it: bits 8: int8 codes (rows, cols) and float32 row scales;
+// bits 4: the flattened matrix two codes per byte (element 2i in the low nibble, code q + 8) and one float16
+// scale per `group` consecutive elements.
+struct PackedMatrix {
+  int64_t cols, bits, group;
+  const int8_t* int8_codes;
+  const float* row_scales;
+  const uint8_t* int4_codes;
+  const at::Half* group_scales;
+
+  // Element (r, c) exactly as the PyTorch dequantisation computes it: float(q) * s.
+  float value(int64_t r, int64_t c) const {
+    if (bits == 8) return static_cast<float>(int8_codes[r * cols + c]) * row_scales[r];
+    const int64_t e = r * cols + c;
+    const int32_t code = (e & 1) ? (int4_codes[e >> 1] >> 4) : (int4_codes[e >> 1] & 15);
+    return static_cast<float>(code - 8) * static_cast<float>(group_scales[e / group]);
+  }
+  // Whole 64-element chunks of a row lie in one group: the vector path applies.
+  bool chunked() const { return cols % 64 == 0 && (bits == 8 || group % 64 == 0); }
+};
+
+#if defined(__AVX2__)
+inline float horizontal_sum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+
+inline __m256 scaled_bytes(__m128i bytes, __m256 scale) {  // 8 signed bytes → float(q) * s
+  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
+}
+
+// Elements c .. c + 63 of row r, whose scale is s, as 8 float vectors (requires w.chunked()): in order for int8,
+// in the order of `interleave_chunks` for int4 (no lane shuffles).
+inline void dequantise_chunk(const PackedMatrix& w, int64_t r, int64_t c, float s, __m256 out[8]) {
+  const __m256 scale = _mm256_set1_ps(s);
+  if (w.bits == 8) {
+    const int8_t* p = w.int8_codes + r * w.cols + c;
+    for (int i = 0; i < 8; ++i)
+      out[i] = scaled_bytes(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i)), scale);
+    return;
+  }
+  // int4: dword j of the 32 bytes holds elements 8j .. 8j + 7 (nibble n = element 8j + n), so shifting every dword
+  // by 4n and masking gives elements {8j + n}: out[n] is in the order of x permuted by `interleave_chunks`.
+  const __m256i bytes =
+      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.int4_codes + (r * w.cols + c) / 2));
+  const __m256i mask = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
+  for (int n = 0; n < 8; ++n) {
+    const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(bytes, 4 * n), mask);
+    out[n] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(codes, eight)), scale);
+  }
+}
+
+// x (tokens, cols) → each 64-element chunk transposed as an 8 × 8 block, element c + 8n + j = x[c + 8j + n]: the
+// order in which `dequantise_chunk` yields int4 weights.
+at::Tensor interleave_chunks(const at::Tensor& x) {
+  return x.view({x.size(0), x.size(1) / 64, 8, 8}).transpose(2, 3).contiguous().view({x.size(0), x.size(1)});
+}
+#endif
+
+// dots[t] = sum_c W[r, c] * x[t * cols + c] for T tokens (x in `dequantise_chunk`'s order on the vector path);
+// each chunk of weights is dequantised once for all T.
+template <int T>
+void packed_dots(const PackedMatrix& w, int64_t r, const float* x, float dots[T]) {
+#if defined(__AVX2__)
+  if (w.chunked()) {
+    // P independent accumulators per token, so that 4 FMA chains hide the FMA latency whatever T.
+    constexpr int P = T >= 4 ? 1 : 4 / T;
+    __m256 acc[T][P], chunk[8];
+    for (int t = 0; t < T; ++t)
+      for (int p = 0; p < P; ++p) acc[t][p] = _mm256_setzero_ps();
+    // int4: the group of the row's first element and the offset in it, advanced chunk by chunk (no division).
+    int64_t group_index = w.bits == 4 ? r * w.cols / w.group : 0, in_group = w.bits == 4 ? r * w.cols % w.group : 0;
+    for (int64_t c = 0; c < w.cols; c += 64) {
+      const float s = w.bits == 8 ? w.row_scales[r] : static_cast<float>(w.group_scales[group_index]);
+      dequantise_chunk(w, r, c, s, chunk);
+      if (w.bits == 4 && (in_group += 64) == w.group) {
+        in_group = 0;
+        ++group_index;
+      }
+      for (int t = 0; t < T; ++t)
+        for (int i = 0; i < 8; ++i)
+          acc[t][i % P] = _mm256_fmadd_ps(chunk[i], _mm256_loadu_ps(x + t * w.cols + c + 8 * i), acc[t][i % P]);
+    }
+    for (int t = 0; t < T; ++t) {
+      for (int p = 1; p < P; ++p) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][p]);
+      dots[t] = horizontal_sum(acc[t][0]);
+    }
+    return;
+  }
+#endif
+  for (int t = 0; t < T; ++t) dots[t] = 0.f;
+  for (int64_t c = 0; c < w.cols; ++c) {
+    const float v = w.value(r, c);
+    for (int t = 0; t < T; ++t) dots[t] += v * x[t * w.cols + c];
+  }
+}
+
+at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t out_features,
+                         int64_t bits, int64_t group_size) {
+  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
+              "packed_linear: x must be a contiguous float32 CPU tensor (tokens, in_features)");
+  const int64_t tokens = x.size(0), cols = x.size(1);
+  PackedMatrix w{cols, bits, group_size, nullptr, nullptr, nullptr, nullptr};
+  if (bits == 8) {
+    TORCH_CHECK(codes.scalar_type() == at::kChar && codes.is_contiguous() && codes.dim() == 2 &&
+                    codes.size(0) == out_features && codes.size(1) == cols,
+                "packed_linear: int8 codes must be contiguous int8 (out_features, in_features)");
+    TORCH_CHECK(scales.scalar_type() == at::kFloat && scales.is_contiguous() && scales.numel() == out_features,
+                "packed_linear: int8 scales must be contiguous float32 with one value per row");
+    w.int8_codes = codes.data_ptr<int8_t>();
+    w.row_scales = scales.data_ptr<float>();
+  } else {
+    TORCH_CHECK(bits == 4, "packed_linear: bits must be 8 or 4");
+    TORCH_CHECK(group_size >= 2 && group_size % 2 == 0, "packed_linear: int4 group_size must be even and >= 2");
+    const int64_t groups = (out_features * cols + group_size - 1) / group_size;
+    TORCH_CHECK(codes.scalar_type() == at::kByte && codes.is_contiguous() && codes.numel() == groups * group_size / 2,
+                "packed_linear: int4 codes must be contiguous uint8, ceil(out * in / group_size) * group_size / 2");
+    TORCH_CHECK(scales.scalar_type() == at::kHalf && scales.is_contiguous() && scales.numel() == groups,
+                "packed_linear: int4 scales must be contiguous float16, one per group");
+    w.int4_codes = codes.data_ptr<uint8_t>();
+    w.group_scales = scales.data_ptr<at::Half>();
+  }
+  auto out = at::empty({tokens, out_features}, x.options());
+  float* y = out.data_ptr<float>();
+#if defined(__AVX2__)
+  const at::Tensor xt = bits == 4 && w.chunked() ? interleave_chunks(x) : x;
+#else
+  const at::Tensor xt = x;
+#endif
+  const float* xs = xt.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
+  at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t block = 0; block < tokens; block += kTokenBlock) {
+      const int64_t block_end = std::min(tokens, block + kTokenBlock);
+      for (int64_t r = begin; r < end; ++r) {
+        int64_t m = block;
+        for (; m + 4 <= block_end; m += 4) {
+          float dots[4];
+          packed_dots<4>(w, r, xs + m * cols, dots);
+          for (int t = 0; t < 4; ++t) y[(m + t) * out_features + r] = dots[t];
+        }
+        for (; m < block_end; ++m) packed_dots<1>(w, r, xs + m * cols, y + m * out_features + r);
+      }
+    }
+  });
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(microvlm_ternary, m) {
   m.def("linear(Tensor x, Tensor packed, int out_features, Tensor weight_scale, Tensor? bias, int bits) -> Tensor");
   m.impl("linear", c10::DispatchKey::CPU, &ternary_linear);
+  m.def("packed_linear(Tensor x, Tensor codes, Tensor scales, int out_features, int bits, int group_size) -> Tensor");
+  m.impl("packed_linear", c10::DispatchKey::CPU, &packed_linear);
 }
 """
 
@@ -197,10 +360,12 @@ _state: dict[str, object] = {}
 
 
 def kernel_flags() -> list[str]:
-    """Compiler flags for this CPU: AVX2 where torch reports it (AVX2 or AVX-512 capability), else portable C++."""
+    """Compiler flags for this CPU: AVX2 where torch reports it (AVX2 or AVX-512 capability), else portable C++;
+    `MICROVLM_TERNARY_KERNEL=portable` asks for the portable C++ everywhere (how the tests check it)."""
     flags = ["-O3"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags.append("-mavx2")
+    portable = os.environ.get(ENVIRONMENT_SWITCH) == "portable"
+    if not portable and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += ["-mavx2", "-mfma"]  # torch's AVX2 capability implies FMA3
     return flags
 
 
@@ -217,8 +382,11 @@ def build_kernel() -> None:
     os.environ["PATH"] = f"{os.path.dirname(sys.executable)}{os.pathsep}{path}"
     try:
         flags = kernel_flags()
+        # The source's hash in the name: two versions of this file (two exported folders, two checkouts) build
+        # into their own folders of the shared cache instead of rebuilding, or loading, each other's library.
+        digest = hashlib.sha256(KERNEL_SOURCE.encode()).hexdigest()[:12]
         cpp_extension.load_inline(
-            f"microvlm_ternary_{'avx2' if '-mavx2' in flags else 'portable'}",
+            f"microvlm_ternary_{'avx2' if '-mavx2' in flags else 'portable'}_{digest}",
             KERNEL_SOURCE,
             extra_cflags=flags,
             is_python_module=False,
@@ -230,7 +398,8 @@ def build_kernel() -> None:
 
 def load_ternary_kernel() -> object | None:
     """`torch.ops.microvlm_ternary.linear`, built on first call; `None` (one warning) when it cannot be built or
-    `MICROVLM_TERNARY_KERNEL=0` switches it off, so that callers keep their PyTorch path."""
+    `MICROVLM_TERNARY_KERNEL=0` switches it off, so that callers keep their PyTorch path. The same build registers
+    `torch.ops.microvlm_ternary.packed_linear` (`packed_linear`)."""
     if os.environ.get(ENVIRONMENT_SWITCH, "1") == "0":
         return None
     if "kernel" not in _state:
@@ -239,9 +408,9 @@ def load_ternary_kernel() -> object | None:
             _state["kernel"] = torch.ops.microvlm_ternary.linear
         except (RuntimeError, OSError, ImportError) as error:
             logger.warning(
-                "ternary kernel: could not build the native CPU kernel (%s); ternary layers use the pure-PyTorch "
-                "path (same results, slower). Install g++ and ninja (pip install ninja) to get it, or set %s=0 to "
-                "silence this.",
+                "ternary kernel: could not build the native CPU kernel (%s); ternary layers and the packed LM head "
+                "use the pure-PyTorch path (same results, slower). Install g++ and ninja (pip install ninja) to get "
+                "it, or set %s=0 to silence this.",
                 " ".join(str(error).split())[-400:],
                 ENVIRONMENT_SWITCH,
             )
@@ -280,5 +449,25 @@ def ternary_linear(
     if kernel is None:
         return None
     flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = kernel(flat, packed.contiguous(), out_features, weight_scale, bias, bits)
+    y = kernel(flat, packed.contiguous(), out_features, weight_scale.float(), bias, bits)
+    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+
+
+def packed_linear(
+    x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_features: int, bits: int, group_size: int = 0
+) -> torch.Tensor | None:
+    """y (..., out_features) = x · Wᵀ in x's dtype for x (..., in_features) on the CPU and W (out_features,
+    in_features) stored as `packed_weights.Int8Weight` (`bits` 8: int8 `codes` (out, in), float32 `scales` (out, 1))
+    or `Int4Weight` (`bits` 4: uint8 `codes` two per byte, float16 `scales` per `group_size` elements of the
+    flattened W). Each weight is dequantised to the float32 value the PyTorch path computes and multiplied by the
+    float activations (no activation quantisation): equal to `x @ W.T` up to float rounding. `None` where the
+    kernel is unavailable or does not apply (not CPU, or a gradient is wanted)."""
+    if x.device.type != "cpu" or codes.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
+        return None
+    if load_ternary_kernel() is None:
+        return None
+    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
+    y = torch.ops.microvlm_ternary.packed_linear(
+        flat, codes.contiguous(), scales.contiguous(), out_features, bits, group_size
+    )
     return y.view(*x.shape[:-1], out_features).to(x.dtype)

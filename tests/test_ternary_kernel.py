@@ -3,15 +3,29 @@ its fallback to the PyTorch path."""
 
 import copy
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from microvlm import MicroVLMConfig, MicroVLMForCausalLM, ternary_kernel
 from microvlm.bitnet import BitLinear, pack_ternary, quantise_activations, unpack_ternary
 from microvlm.export import WeightFormats, write_export
-from microvlm.packed_weights import PackedBitLinear
-from microvlm.ternary_kernel import load_ternary_kernel, ternary_kernel_disabled, ternary_linear
+from microvlm.packed_weights import (
+    Float16Weight,
+    Int4Weight,
+    Int8Weight,
+    PackedBitLinear,
+    PackedEmbedding,
+    PackedLinear,
+    TiedLMHead,
+    store_packed,
+)
+from microvlm.ternary_kernel import load_ternary_kernel, packed_linear, ternary_kernel_disabled, ternary_linear
 
 from .conftest import make_inputs
 
@@ -104,3 +118,116 @@ def test_exported_model_generates_the_same_tokens_with_and_without_the_kernel(ke
         logits = packed(**inputs).logits
     assert torch.equal(with_kernel, without)
     torch.testing.assert_close(packed(**inputs).logits, logits, rtol=0, atol=1e-2)
+
+
+def packed_forms(shape: tuple[int, int], group_size: int) -> list:
+    return [Int8Weight(torch.float32), Int4Weight(torch.float32, shape, group_size)]
+
+
+@pytest.mark.parametrize(
+    ("rows", "cols", "group_size", "tokens"),
+    [
+        (37, 128, 64, 1),  # whole 64-element chunks (the AVX2 path), one token
+        (19, 192, 128, 6),  # groups of two chunks; a block of 4 tokens plus a tail of 2
+        (13, 100, 20, 5),  # columns and groups that are not multiples of 64 (the portable path), groups across rows
+        (7, 64, 64, 70),  # more tokens than a 64-token block
+    ],
+)
+def test_packed_head_kernel_equals_the_dequantised_matmul(kernel, rows, cols, group_size, tokens):
+    torch.manual_seed(0)
+    weight = torch.randn(rows, cols) * torch.logspace(-2, 1, rows).view(rows, 1)
+    x = torch.randn(tokens, cols) * 3
+    for form in packed_forms((rows, cols), group_size):
+        stored = form.right_inverse(weight)
+        expected = x.double() @ form(*stored).double().T  # the PyTorch dequantisation, in float64
+        y = form.linear(x, *stored)
+        assert y.shape == (tokens, rows) and y.dtype == torch.float32
+        # The weights are the dequantised float32 values exactly; the sums are float32 in another order.
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
+
+
+def test_packed_head_uses_the_kernel_only_where_it_applies_and_falls_back_to_the_same_result(kernel):
+    torch.manual_seed(0)
+    embedding = nn.Embedding(50, 128)
+    head = nn.Linear(128, 50, bias=True)
+    x = torch.randn(2, 3, 128)
+    for form in packed_forms((50, 128), 64):
+        tied = PackedEmbedding.from_embedding(copy.deepcopy(embedding))
+        untied = PackedLinear.from_linear(copy.deepcopy(head))
+        store_packed(tied, "weight", copy.deepcopy(form))
+        store_packed(untied, "weight", copy.deepcopy(form))
+        for layer, bias in ((TiedLMHead(tied), None), (untied, untied.bias)):
+            weight = (tied if bias is None else untied).weight  # dequantised
+            expected = nn.functional.linear(x, weight, bias)
+            torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
+            with ternary_kernel_disabled():
+                assert torch.equal(layer(x), expected)  # the fallback is the dequantised matmul
+    codes, scales = Int8Weight(torch.float32).right_inverse(head.weight)
+    assert packed_linear(x.requires_grad_(), codes, scales, 50, bits=8) is None
+    assert Float16Weight(torch.float32).linear(x, head.weight.half()) is None  # no kernel for float16
+
+
+@pytest.mark.parametrize("form", ["fp16", "int8", "int4", "int4 groups across rows"])
+def test_packed_embedding_dequantises_only_the_rows_it_reads(form, monkeypatch):
+    torch.manual_seed(0)
+    embedding = nn.Embedding(40, 96)
+    parametrization = {
+        "fp16": Float16Weight(torch.float32),
+        "int8": Int8Weight(torch.float32),
+        "int4": Int4Weight(torch.float32, (40, 96), 32),
+        "int4 groups across rows": Int4Weight(torch.float32, (40, 96), 64),
+    }[form]
+    packed = PackedEmbedding.from_embedding(embedding)
+    store_packed(packed, "weight", parametrization)
+    ids = torch.tensor([[3, 0, 39], [3, 7, 7]])
+    expected = nn.functional.embedding(ids, packed.weight)  # rows of the whole dequantised matrix
+    if form != "int4 groups across rows":  # rows are whole groups: the lookup never dequantises the whole matrix
+
+        def whole_matrix(*stored):
+            raise AssertionError("the lookup dequantised the whole matrix")
+
+        monkeypatch.setattr(parametrization, "forward", whole_matrix)
+    assert torch.equal(packed(ids), expected)
+
+
+PORTABLE = """
+import sys, torch
+from microvlm import ternary_kernel
+assert "-mavx2" not in ternary_kernel.kernel_flags()
+cases = torch.load(sys.argv[1])
+outputs = [ternary_kernel.ternary_linear(*cases["ternary"])]
+outputs += [ternary_kernel.packed_linear(*case) for case in cases["packed"]]
+torch.save(outputs, sys.argv[2])
+"""
+
+
+def test_portable_build_equals_the_references(kernel, tmp_path):
+    """The scalar C++ (what a CPU without AVX2 compiles), forced by MICROVLM_TERNARY_KERNEL=portable in a fresh
+    process (one extension per process): same references as the AVX2 build, on shapes the AVX2 build vectorises."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 2112)
+    packed, scale = pack_ternary(torch.randn(13, 2112))
+    bias = torch.randn(13)
+    weight, head_x = torch.randn(19, 192), torch.randn(6, 192)
+    forms = packed_forms((19, 192), 64)
+    stored = [form.right_inverse(weight) for form in forms]
+    cases = {
+        "ternary": (x, packed, 13, scale, bias, 8),
+        "packed": [(head_x, *stored[0], 19, 8, 0), (head_x, *stored[1], 19, 4, 64)],
+    }
+    torch.save(cases, tmp_path / "cases.pt")
+    env = {**os.environ, ternary_kernel.ENVIRONMENT_SWITCH: "portable"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).parents[1]), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", PORTABLE, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")],
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    ternary, *heads = torch.load(tmp_path / "out.pt")
+    expected = reference(x, packed, scale, 13, bias, 8)
+    torch.testing.assert_close(ternary.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
+    for form, values, y in zip(forms, stored, heads, strict=True):
+        expected = head_x.double() @ form(*values).double().T
+        torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
