@@ -56,13 +56,17 @@ def test_eval_report_and_hub_folder_end_to_end(saved_model, tmp_path):
     } <= set(saved["recall"])
     assert set(saved["recall"]["by_attribute"]) <= {"colour", "shape", "count", "position"}
     assert 0 <= saved["scope"]["accuracy"] <= 1 and "memory on" in saved["qa"]
+    for pairs in ("seen_pairs", "held_out_pairs"):  # question accuracy by asked attribute, seen vs held-out pairs
+        by_attribute = saved["qa"][f"by_attribute_{pairs}"]
+        assert set(by_attribute) <= {"colour", "shape", "count", "position"}
+        assert all(0.0 <= value <= 1.0 for value in by_attribute.values())
     probe = saved["analysis"]["vision_probe"]
     for source in ("pooled_vision", "prefix", "chance"):
         assert set(probe[source]) == {"colour", "shape", "count", "position"}
         assert all(0.0 <= value <= 1.0 for value in probe[source].values())
     assert probe["rows_train"] + probe["rows_test"] == saved["counts"]["caption"] + saved["counts"]["qa"]
     report = (tmp_path / "eval" / "report.md").read_text()
-    for section in ("## Episodic recall", "null 95%", "Linear probes", "ScopeNet decisions"):
+    for section in ("## Episodic recall", "null 95%", "Linear probes", "ScopeNet decisions", "held out pairs: "):
         assert section in report, section
     for plot in ("image_attention.png", "retrieval_similarity.png", "memory_addressing.png"):
         assert (tmp_path / "eval" / plot).is_file()

@@ -519,6 +519,19 @@ def evaluate_model(ctx: EvalContext, row_sets: dict[str, list[dict]]) -> EvalRes
         {"reference": r["text"], "generated": p} for r, p in zip(captions[:8], generated[:8])
     ]
 
+    # Question accuracy by asked attribute on seen and on held-out colour–shape pairs: a shape right in answers
+    # but wrong in captions is the caption's colour word, not the image, deciding the shape.
+    answered = predictions["qa", "model"]
+    by_pairs = {
+        f"by_attribute_{name}": exact_match_by(
+            [p for p, r in zip(answered, questions) if r["held_out"] == held],
+            [r for r in questions if r["held_out"] == held],
+            "asked",
+            ATTRIBUTES,
+        )
+        for name, held in (("seen_pairs", False), ("held_out_pairs", True))
+    }
+
     candidates = captions[: args.num_retrieval]
     chances = {"r@1": 1 / len(candidates), "r@5": 5 / len(candidates)}
     recall_at_k = retrieval_recall(retrieval_similarity(model, ctx.processor, candidates), candidates)
@@ -548,7 +561,7 @@ def evaluate_model(ctx: EvalContext, row_sets: dict[str, list[dict]]) -> EvalRes
         counts={"caption": len(captions), "qa": len(questions), "recall": len(recalls)},
         captions=caption_results,
         perplexity={"model": perplexity(ctx, captions), "chance": model.config.text_config.vocab_size},
-        qa={**scored["qa"], "chance": chance_of_answers(questions)},
+        qa={**scored["qa"], **by_pairs, "chance": chance_of_answers(questions)},
         retrieval={"model": recall_at_k, "candidates": len(candidates), "chance": chances},
         recall=recall,
         scope=scope,

@@ -166,6 +166,15 @@ def write_report(path: Path, results: EvalResults, plots: dict[str, str]) -> Non
         f"| memory on (a written episode; ScopeNet should keep it out) | {_pct(results.qa['memory on'])} |",
         f"| chance | {_pct(results.qa['chance'])} |",
         "",
+        *(
+            line
+            for pairs in ("seen_pairs", "held_out_pairs")
+            for line in (
+                f"By asked attribute, {pairs.replace('_', ' ')}: "
+                + ", ".join(f"{name}: {_pct(value)}" for name, value in results.qa[f"by_attribute_{pairs}"].items()),
+                "",
+            )
+        ),
         *_real_photo_lines(results),
         f"## Retrieval ({results.retrieval['candidates']} candidates)",
         "",

@@ -32,7 +32,7 @@ class EvalResults:
     counts: dict[str, int]
     captions: dict[str, Any]
     perplexity: dict[str, float]
-    qa: dict[str, float]
+    qa: dict[str, Any]
     retrieval: dict[str, Any]
     recall: dict[str, Any]
     scope: dict[str, float]
