@@ -16,6 +16,11 @@ from transformers.processing_utils import ProcessingKwargs
 
 from .configuration_microvlm import MicroVLMConfig
 
+# transformers 5.0 copies only the direct relative imports of a remote-code module: name the modules
+# configuration_microvlm imports, so that a folder with the processor alone loads too.
+from .repvit import RepViTConfig  # noqa: F401
+from .two_stream_vision import TwoStreamVisionConfig  # noqa: F401
+
 
 logger = logging.getLogger(__name__)
 
