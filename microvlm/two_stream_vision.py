@@ -118,6 +118,11 @@ class TwoStreamVisionModel(PreTrainedModel):
         self.contrast = AutoModel.from_config(config.contrast_config)
         self.post_init()  # each stream, a PreTrainedModel, keeps its own family's initialisation
 
+    @property
+    def streams(self) -> tuple[PreTrainedModel, PreTrainedModel]:
+        """The two towers (RGB, contrast), for code that walks a tower's blocks (e.g. `--trainable_vision_layers`)."""
+        return self.rgb, self.contrast
+
     def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPoolingAndNoAttention:
         """pixel_values (B, 3, H, W) → `last_hidden_state` (B, C_rgb + C_contrast, h, w), `pooler_output` its
         spatial mean (B, C_rgb + C_contrast)."""

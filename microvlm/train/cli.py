@@ -165,8 +165,7 @@ VISION_BLOCK_LISTS = (
 def vision_blocks(tower: nn.Module) -> list[nn.ModuleList]:
     """The vision tower's sequences of blocks, one per stream (DeiT-Tiny: its 12 encoder layers; ResNet, RepViT: their
     stages; the two-stream tower: each stream's stages)."""
-    streams = [tower.rgb, tower.contrast] if tower.config.model_type == "microvlm_two_stream" else [tower]
-    return [_block_list(stream) for stream in streams]
+    return [_block_list(stream) for stream in getattr(tower, "streams", (tower,))]
 
 
 def _block_list(tower: nn.Module) -> nn.ModuleList:
