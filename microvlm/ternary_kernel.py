@@ -13,11 +13,18 @@ dequantised x_q, `PackedBitLinear`'s PyTorch path) by float rounding only. Threa
 intra-op pool) split the packed rows; tokens are taken in pairs so that each byte of weights is unpacked once per
 two tokens, and in blocks of 64 so that a block's activations stay in cache.
 
-The same extension holds `packed_linear`, the packed LM head: x · Wᵀ for W stored as `packed_weights.Int8Weight`
-(int8 per row) or `Int4Weight` (int4 groups), float activations. Each weight is dequantised in registers to exactly
-the float32 value PyTorch's dequantisation gives, (q − 8) · s or q · s, and multiplied by x with float32 FMAs
-(64 weights per step, 4 tokens per pass over a row), so the 136M-weight head of "microvlm-v" is read at 4 or 8 bits
-per weight instead of 32 and never materialised in float.
+The same extension holds `packed_linear`, the packed LM head, the llama.cpp Q4 × Q8 way: for W stored as
+`packed_weights.Int8Weight` (int8 codes w, one scale s_r per row) or `Int4Weight` (codes w + 8 ∈ [1, 15], one
+float16 scale s_g per group of G elements), the activations are quantised per token as above (Q = 127) and
+
+    y_mr = (a_m / Q) · Σ_g s_g Σ_{c ∈ g} w_rc q_mc      (int8: one group, the row)
+
+with the inner sums in integers: int4 multiplies the unsigned stored codes by the signed activations
+(`vpmaddubsw`, the low and high nibbles of 32 bytes against activations reordered to match) and subtracts
+8 · Σ q per 64-element chunk; int8 multiplies |q| by sign(w, q). Each group's integer sum is scaled in float32
+(int4) or the row's (int8); 4 tokens per pass over a row, threads over vocabulary rows. So the 136M-weight head of
+"microvlm-v" is read at 4 or 8 bits per weight and never dequantised, and its output equals the float reference
+(dequantised W times the dequantised int8 activations, `packed_weights.quantised_linear`) up to float rounding.
 
 The C++ source is embedded below so that it travels with the remote code of an exported folder (transformers
 copies the `.py` files a model's code imports, nothing else). It is compiled on first use through
@@ -195,7 +202,7 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, int64_t
   return out;
 }
 
-// ---- int8 / int4 weights × float activations (the packed LM head), packed_weights.Int8Weight / Int4Weight ----
+// ---- int8 / int4 weights × int8 activations (the packed LM head), packed_weights.Int8Weight / Int4Weight ----
 
 // A (rows, cols) matrix as packed_weights stores it: bits 8: int8 codes (rows, cols) and float32 row scales;
 // bits 4: the flattened matrix two codes per byte (element 2i in the low nibble, code q + 8) and one float16
@@ -207,16 +214,47 @@ struct PackedMatrix {
   const uint8_t* int4_codes;
   const at::Half* group_scales;
 
-  // Element (r, c) exactly as the PyTorch dequantisation computes it: float(q) * s.
-  float value(int64_t r, int64_t c) const {
-    if (bits == 8) return static_cast<float>(int8_codes[r * cols + c]) * row_scales[r];
-    const int64_t e = r * cols + c;
-    const int32_t code = (e & 1) ? (int4_codes[e >> 1] >> 4) : (int4_codes[e >> 1] & 15);
-    return static_cast<float>(code - 8) * static_cast<float>(group_scales[e / group]);
-  }
   // Whole 64-element chunks of a row lie in one group: the vector path applies.
   bool chunked() const { return cols % 64 == 0 && (bits == 8 || group % 64 == 0); }
 };
+
+// Per-token int8 activations as the head's dot products read them: codes (tokens, cols); on the int4 vector path
+// each 64-element chunk's even elements then its odd ones (the order of the low and high nibbles), and one int32
+// vector per chunk holding 8 · Σ q over the chunk in lane 0 (zeros elsewhere), the correction for the codes'
+// offset of 8.
+struct HeadActivations {
+  const int8_t* codes;
+  const int32_t* offsets;
+  int64_t chunks;
+};
+
+// The portable dot product of row r with T tokens' int8 codes q: Σ_g s_g Σ_{c ∈ g} w_c q_c, with w_c = q for int8
+// (one scale per row) and code − 8 for int4 (groups of the flattened matrix, which may span rows).
+template <int T>
+void scalar_head_dots(const PackedMatrix& w, int64_t r, const int8_t* q, float dots[T]) {
+  for (int t = 0; t < T; ++t) dots[t] = 0.f;
+  if (w.bits == 8) {
+    int32_t sums[T] = {};
+    const int8_t* row = w.int8_codes + r * w.cols;
+    for (int64_t c = 0; c < w.cols; ++c)
+      for (int t = 0; t < T; ++t) sums[t] += static_cast<int32_t>(row[c]) * q[t * w.cols + c];
+    for (int t = 0; t < T; ++t) dots[t] = static_cast<float>(sums[t]) * w.row_scales[r];
+    return;
+  }
+  int64_t c = 0;
+  while (c < w.cols) {  // one group (or the part of it in this row) at a time
+    const int64_t e = r * w.cols + c, group_end = std::min(w.cols, c + w.group - e % w.group);
+    int32_t sums[T] = {};
+    for (; c < group_end; ++c) {
+      const int64_t element = r * w.cols + c;
+      const uint8_t byte = w.int4_codes[element >> 1];
+      const int32_t code = ((element & 1) ? (byte >> 4) : (byte & 15)) - 8;
+      for (int t = 0; t < T; ++t) sums[t] += code * q[t * w.cols + c];
+    }
+    const float scale = static_cast<float>(w.group_scales[e / w.group]);
+    for (int t = 0; t < T; ++t) dots[t] += static_cast<float>(sums[t]) * scale;
+  }
+}
 
 #if defined(__AVX2__)
 inline float horizontal_sum(__m256 v) {
@@ -225,74 +263,67 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-inline __m256 scaled_bytes(__m128i bytes, __m256 scale) {  // 8 signed bytes → float(q) * s
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
-}
+inline float half_to_float(at::Half h) { return _cvtsh_ss(h.x); }
 
-// Elements c .. c + 63 of row r, whose scale is s, as 8 float vectors (requires w.chunked()): in order for int8,
-// in the order of `interleave_chunks` for int4 (no lane shuffles).
-inline void dequantise_chunk(const PackedMatrix& w, int64_t r, int64_t c, float s, __m256 out[8]) {
-  const __m256 scale = _mm256_set1_ps(s);
+// The vector dot products (requires w.chunked()), the same sums as `scalar_head_dots` in integers per chunk:
+// int8: |q| · sign(w, q) (`vpmaddubsw` takes one unsigned operand; |q| ≤ 128 and |w| ≤ 127, so a pair of products
+// fits int16), summed over the row in int32; int4: the 64 codes of a chunk, low nibbles (even elements) and high
+// nibbles (odd ones) times the activations interleaved to match, Σ (w + 8) q − 8 Σ q per chunk, then × the
+// chunk's group scale in float.
+template <int T>
+void vector_head_dots(const PackedMatrix& w, int64_t r, const HeadActivations& a, int64_t m, float dots[T]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* q = a.codes + m * w.cols;
   if (w.bits == 8) {
-    const int8_t* p = w.int8_codes + r * w.cols + c;
-    for (int i = 0; i < 8; ++i)
-      out[i] = scaled_bytes(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i)), scale);
+    const int8_t* row = w.int8_codes + r * w.cols;
+    __m256i sums[T];
+    for (int t = 0; t < T; ++t) sums[t] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < w.cols; c += 32) {
+      const __m256i weights = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
+      for (int t = 0; t < T; ++t) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * w.cols + c));
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(weights, x));
+        sums[t] = _mm256_add_epi32(sums[t], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    for (int t = 0; t < T; ++t) dots[t] = static_cast<float>(horizontal_sum(sums[t])) * w.row_scales[r];
     return;
   }
-  // int4: dword j of the 32 bytes holds elements 8j .. 8j + 7 (nibble n = element 8j + n), so shifting every dword
-  // by 4n and masking gives elements {8j + n}: out[n] is in the order of x permuted by `interleave_chunks`.
-  const __m256i bytes =
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.int4_codes + (r * w.cols + c) / 2));
-  const __m256i mask = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
-  for (int n = 0; n < 8; ++n) {
-    const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(bytes, 4 * n), mask);
-    out[n] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(codes, eight)), scale);
-  }
-}
-
-// x (tokens, cols) → each 64-element chunk transposed as an 8 × 8 block, element c + 8n + j = x[c + 8j + n]: the
-// order in which `dequantise_chunk` yields int4 weights.
-at::Tensor interleave_chunks(const at::Tensor& x) {
-  return x.view({x.size(0), x.size(1) / 64, 8, 8}).transpose(2, 3).contiguous().view({x.size(0), x.size(1)});
-}
-#endif
-
-// dots[t] = sum_c W[r, c] * x[t * cols + c] for T tokens (x in `dequantise_chunk`'s order on the vector path);
-// each chunk of weights is dequantised once for all T.
-template <int T>
-void packed_dots(const PackedMatrix& w, int64_t r, const float* x, float dots[T]) {
-#if defined(__AVX2__)
-  if (w.chunked()) {
-    // P independent accumulators per token, so that 4 FMA chains hide the FMA latency whatever T.
-    constexpr int P = T >= 4 ? 1 : 4 / T;
-    __m256 acc[T][P], chunk[8];
-    for (int t = 0; t < T; ++t)
-      for (int p = 0; p < P; ++p) acc[t][p] = _mm256_setzero_ps();
-    // int4: the group of the row's first element and the offset in it, advanced chunk by chunk (no division).
-    int64_t group_index = w.bits == 4 ? r * w.cols / w.group : 0, in_group = w.bits == 4 ? r * w.cols % w.group : 0;
-    for (int64_t c = 0; c < w.cols; c += 64) {
-      const float s = w.bits == 8 ? w.row_scales[r] : static_cast<float>(w.group_scales[group_index]);
-      dequantise_chunk(w, r, c, s, chunk);
-      if (w.bits == 4 && (in_group += 64) == w.group) {
-        in_group = 0;
-        ++group_index;
-      }
-      for (int t = 0; t < T; ++t)
-        for (int i = 0; i < 8; ++i)
-          acc[t][i % P] = _mm256_fmadd_ps(chunk[i], _mm256_loadu_ps(x + t * w.cols + c + 8 * i), acc[t][i % P]);
+  const __m256i mask = _mm256_set1_epi8(15);
+  const uint8_t* row = w.int4_codes + r * w.cols / 2;
+  const int32_t* offsets = a.offsets + m * a.chunks * 8;
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  int64_t group_index = r * w.cols / w.group, in_group = r * w.cols % w.group;
+  for (int64_t c = 0, chunk = 0; c < w.cols; c += 64, ++chunk) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
+    const __m256i even = _mm256_and_si256(bytes, mask), odd = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    const __m256 scale = _mm256_set1_ps(half_to_float(w.group_scales[group_index]));
+    if ((in_group += 64) == w.group) {
+      in_group = 0;
+      ++group_index;
     }
     for (int t = 0; t < T; ++t) {
-      for (int p = 1; p < P; ++p) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][p]);
-      dots[t] = horizontal_sum(acc[t][0]);
+      const int8_t* x = q + t * w.cols + c;
+      const __m256i pairs =
+          _mm256_add_epi16(_mm256_maddubs_epi16(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                           _mm256_maddubs_epi16(odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+      const int32_t* offset = offsets + (t * a.chunks + chunk) * 8;
+      const __m256i sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),
+                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset)));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
     }
-    return;
   }
+  for (int t = 0; t < T; ++t) dots[t] = horizontal_sum(acc[t]);
+}
 #endif
-  for (int t = 0; t < T; ++t) dots[t] = 0.f;
-  for (int64_t c = 0; c < w.cols; ++c) {
-    const float v = w.value(r, c);
-    for (int t = 0; t < T; ++t) dots[t] += v * x[t * w.cols + c];
-  }
+
+template <int T>
+void head_dots(const PackedMatrix& w, int64_t r, const HeadActivations& a, int64_t m, float dots[T]) {
+#if defined(__AVX2__)
+  if (w.chunked()) return vector_head_dots<T>(w, r, a, m, dots);
+#endif
+  scalar_head_dots<T>(w, r, a.codes + m * w.cols, dots);
 }
 
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t out_features,
@@ -320,26 +351,44 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at:
     w.int4_codes = codes.data_ptr<uint8_t>();
     w.group_scales = scales.data_ptr<at::Half>();
   }
+  constexpr int64_t kHeadBits = 8;  // the head's activations: int8, as packed_weights.HEAD_ACTIVATION_BITS
+  const int64_t levels = (int64_t{1} << (kHeadBits - 1)) - 1;
+  auto q = at::empty({tokens, cols}, x.options().dtype(at::kChar));
+  auto absmax = at::empty({tokens}, x.options());
+  auto sums = at::empty({tokens}, x.options().dtype(at::kInt));
+  quantise_tokens(x.data_ptr<float>(), tokens, cols, levels, q.data_ptr<int8_t>(), absmax.data_ptr<float>(),
+                  sums.data_ptr<int32_t>());
+  HeadActivations a{q.data_ptr<int8_t>(), nullptr, cols / 64};
+  at::Tensor interleaved, offsets;
+#if defined(__AVX2__)
+  if (bits == 4 && w.chunked()) {
+    // Chunk by chunk: the even elements, then the odd ones (the order of the low and high nibbles).
+    interleaved = q.view({tokens, cols / 64, 32, 2}).transpose(2, 3).contiguous();
+    offsets = at::zeros({tokens, cols / 64, 8}, x.options().dtype(at::kInt));
+    offsets.select(2, 0).copy_(q.view({tokens, cols / 64, 64}).sum(2, /*keepdim=*/false, at::kInt).mul_(8));
+    a.codes = interleaved.data_ptr<int8_t>();
+    a.offsets = offsets.data_ptr<int32_t>();
+  }
+#endif
   auto out = at::empty({tokens, out_features}, x.options());
   float* y = out.data_ptr<float>();
-#if defined(__AVX2__)
-  const at::Tensor xt = bits == 4 && w.chunked() ? interleave_chunks(x) : x;
-#else
-  const at::Tensor xt = x;
-#endif
-  const float* xs = xt.data_ptr<float>();
+  const float* token_absmax = absmax.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
     for (int64_t block = 0; block < tokens; block += kTokenBlock) {
       const int64_t block_end = std::min(tokens, block + kTokenBlock);
       for (int64_t r = begin; r < end; ++r) {
         int64_t m = block;
+        float dots[4];
         for (; m + 4 <= block_end; m += 4) {
-          float dots[4];
-          packed_dots<4>(w, r, xs + m * cols, dots);
-          for (int t = 0; t < 4; ++t) y[(m + t) * out_features + r] = dots[t];
+          head_dots<4>(w, r, a, m, dots);
+          for (int t = 0; t < 4; ++t)
+            y[(m + t) * out_features + r] = dots[t] * (token_absmax[m + t] / static_cast<float>(levels));
         }
-        for (; m < block_end; ++m) packed_dots<1>(w, r, xs + m * cols, y + m * out_features + r);
+        for (; m < block_end; ++m) {
+          head_dots<1>(w, r, a, m, dots);
+          y[m * out_features + r] = dots[0] * (token_absmax[m] / static_cast<float>(levels));
+        }
       }
     }
   });
@@ -365,7 +414,7 @@ def kernel_flags() -> list[str]:
     flags = ["-O3"]
     portable = os.environ.get(ENVIRONMENT_SWITCH) == "portable"
     if not portable and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]  # torch's AVX2 capability implies FMA3
+        flags += ["-mavx2", "-mfma", "-mf16c"]  # torch's AVX2 capability implies FMA3 and F16C
     return flags
 
 
@@ -456,11 +505,11 @@ def ternary_linear(
 def packed_linear(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_features: int, bits: int, group_size: int = 0
 ) -> torch.Tensor | None:
-    """y (..., out_features) = x · Wᵀ in x's dtype for x (..., in_features) on the CPU and W (out_features,
-    in_features) stored as `packed_weights.Int8Weight` (`bits` 8: int8 `codes` (out, in), float32 `scales` (out, 1))
-    or `Int4Weight` (`bits` 4: uint8 `codes` two per byte, float16 `scales` per `group_size` elements of the
-    flattened W). Each weight is dequantised to the float32 value the PyTorch path computes and multiplied by the
-    float activations (no activation quantisation): equal to `x @ W.T` up to float rounding. `None` where the
+    """y (..., out_features) = x_q · Wᵀ in x's dtype for x (..., in_features) on the CPU, x_q its per-token int8
+    quantisation (`bitnet.quantise_activations(x, 8)`), and W (out_features, in_features) stored as
+    `packed_weights.Int8Weight` (`bits` 8: int8 `codes` (out, in), float32 `scales` (out, 1)) or `Int4Weight`
+    (`bits` 4: uint8 `codes` two per byte, float16 `scales` per `group_size` elements of the flattened W), computed
+    in integers: equal to x_q · W_deqᵀ (`packed_weights.quantised_linear`) up to float rounding. `None` where the
     kernel is unavailable or does not apply (not CPU, or a gradient is wanted)."""
     if x.device.type != "cpu" or codes.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         return None
