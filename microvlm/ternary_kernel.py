@@ -58,6 +58,7 @@ KERNEL_SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -67,10 +68,39 @@ namespace {
 constexpr float kEps = 1e-5f;      // bitnet.EPS
 constexpr int64_t kTokenBlock = 64;  // tokens whose int8 activations share the cache while rows go by
 
+// x (..., K), any floating dtype → contiguous float32 (tokens, K): the tokens as the kernels read them.
+at::Tensor token_matrix(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()) && x.dim() >= 1, op,
+              ": x must be a floating-point CPU tensor (..., in_features)");
+  return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+}
+
+// y (tokens, N) float32 → (..., N) in x's shape and dtype.
+at::Tensor shaped_like(const at::Tensor& y, const at::Tensor& x) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  return y.view(shape).to(x.scalar_type());
+}
+
+// Per-token int8 activations: codes q (tokens, cols), absmax a and Σ_c q per token. Buffers kept by the calling
+// thread and reused, so a decode step allocates nothing for them.
+struct QuantisedTokens {
+  std::vector<int8_t> codes;
+  std::vector<float> absmax;
+  std::vector<int32_t> sums;
+};
+
 // Per-token absmax quantisation with bitnet.quantise_activations' float32 arithmetic: q = clamp(round(x * Q / a)).
-void quantise_tokens(const float* x, int64_t tokens, int64_t cols, int64_t levels, int8_t* q, float* absmax,
-                     int32_t* sums) {
-  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+const QuantisedTokens& quantise_tokens(const float* x, int64_t tokens, int64_t cols, int64_t levels) {
+  thread_local QuantisedTokens buffers;
+  buffers.codes.resize(tokens * cols);
+  buffers.absmax.resize(tokens);
+  buffers.sums.resize(tokens);
+  int8_t* q = buffers.codes.data();
+  float* absmax = buffers.absmax.data();
+  int32_t* sums = buffers.sums.data();
+  const int64_t grain = std::max<int64_t>(2, 65536 / std::max<int64_t>(cols, 1));  // one token runs inline
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* row = x + m * cols;
       float a = 0.f;
@@ -88,6 +118,7 @@ void quantise_tokens(const float* x, int64_t tokens, int64_t cols, int64_t level
       sums[m] = sum;
     }
   });
+  return buffers;
 }
 
 #if defined(__AVX2__)
@@ -144,32 +175,27 @@ void code_dots(const uint8_t* w, const int8_t* q, int64_t cols, int32_t dots[T][
   }
 }
 
-at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+// x (..., K) → y (..., N) in x's dtype, for the (N, K) ternary layer packed in `packed` (module docstring).
+at::Tensor ternary_linear(const at::Tensor& input, const at::Tensor& packed, int64_t out_features,
                           const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias, int64_t bits) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "ternary_linear: x must be a contiguous float32 CPU tensor (tokens, in_features)");
+  const at::Tensor x = token_matrix(input, "ternary_linear");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
                   packed.size(0) == (out_features + 3) / 4 && packed.size(1) == x.size(1),
               "ternary_linear: packed must be contiguous uint8 (ceil(out_features / 4), in_features)");
   TORCH_CHECK(bits >= 2 && bits <= 8, "ternary_linear: activation bits must lie in [2, 8]");
+  TORCH_CHECK(weight_scale.numel() == 1, "ternary_linear: weight_scale must hold one value");
   const int64_t tokens = x.size(0), cols = x.size(1), packed_rows = packed.size(0);
   const int64_t levels = (int64_t{1} << (bits - 1)) - 1;
-  auto q = at::empty({tokens, cols}, x.options().dtype(at::kChar));
-  auto absmax = at::empty({tokens}, x.options());
-  auto sums = at::empty({tokens}, x.options().dtype(at::kInt));
-  quantise_tokens(x.data_ptr<float>(), tokens, cols, levels, q.data_ptr<int8_t>(), absmax.data_ptr<float>(),
-                  sums.data_ptr<int32_t>());
-  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.numel() == 1,
-              "ternary_linear: weight_scale must be one float32 value");
-  const float inverse_scale = *weight_scale.data_ptr<float>();
+  const QuantisedTokens& quantised = quantise_tokens(x.data_ptr<float>(), tokens, cols, levels);
+  const float inverse_scale = weight_scale.to(at::kFloat).data_ptr<float>()[0];
   auto out = at::empty({tokens, out_features}, x.options());
   float* y = out.data_ptr<float>();
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* b = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   const uint8_t* w = packed.data_ptr<uint8_t>();
-  const int8_t* qs = q.data_ptr<int8_t>();
-  const float* a = absmax.data_ptr<float>();
-  const int32_t* s = sums.data_ptr<int32_t>();
+  const int8_t* qs = quantised.codes.data();
+  const float* a = quantised.absmax.data();
+  const int32_t* s = quantised.sums.data();
   auto store = [&](int64_t j, int64_t m, const int32_t dots[4]) {
     const float token_scale = a[m] / static_cast<float>(levels);
     for (int k = 0; k < 4; ++k) {
@@ -199,7 +225,7 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, int64_t
       }
     }
   });
-  return out;
+  return shaped_like(out, input);
 }
 
 // ---- int8 / int4 weights × int8 activations (the packed LM head), packed_weights.Int8Weight / Int4Weight ----
@@ -326,10 +352,10 @@ void head_dots(const PackedMatrix& w, int64_t r, const HeadActivations& a, int64
   scalar_head_dots<T>(w, r, a.codes + m * w.cols, dots);
 }
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t out_features,
-                         int64_t bits, int64_t group_size) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "packed_linear: x must be a contiguous float32 CPU tensor (tokens, in_features)");
+// x (..., K) → y (..., N) in x's dtype, for the (N, K) matrix stored as `codes` and `scales` (PackedMatrix).
+at::Tensor packed_linear(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                         int64_t out_features, int64_t bits, int64_t group_size) {
+  const at::Tensor x = token_matrix(input, "packed_linear");
   const int64_t tokens = x.size(0), cols = x.size(1);
   PackedMatrix w{cols, bits, group_size, nullptr, nullptr, nullptr, nullptr};
   if (bits == 8) {
@@ -353,26 +379,34 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at:
   }
   constexpr int64_t kHeadBits = 8;  // the head's activations: int8, as packed_weights.HEAD_ACTIVATION_BITS
   const int64_t levels = (int64_t{1} << (kHeadBits - 1)) - 1;
-  auto q = at::empty({tokens, cols}, x.options().dtype(at::kChar));
-  auto absmax = at::empty({tokens}, x.options());
-  auto sums = at::empty({tokens}, x.options().dtype(at::kInt));
-  quantise_tokens(x.data_ptr<float>(), tokens, cols, levels, q.data_ptr<int8_t>(), absmax.data_ptr<float>(),
-                  sums.data_ptr<int32_t>());
-  HeadActivations a{q.data_ptr<int8_t>(), nullptr, cols / 64};
-  at::Tensor interleaved, offsets;
+  const QuantisedTokens& quantised = quantise_tokens(x.data_ptr<float>(), tokens, cols, levels);
+  HeadActivations a{quantised.codes.data(), nullptr, cols / 64};
 #if defined(__AVX2__)
+  thread_local std::vector<int8_t> interleaved;
+  thread_local std::vector<int32_t> offsets;
   if (bits == 4 && w.chunked()) {
     // Chunk by chunk: the even elements, then the odd ones (the order of the low and high nibbles).
-    interleaved = q.view({tokens, cols / 64, 32, 2}).transpose(2, 3).contiguous();
-    offsets = at::zeros({tokens, cols / 64, 8}, x.options().dtype(at::kInt));
-    offsets.select(2, 0).copy_(q.view({tokens, cols / 64, 64}).sum(2, /*keepdim=*/false, at::kInt).mul_(8));
-    a.codes = interleaved.data_ptr<int8_t>();
-    a.offsets = offsets.data_ptr<int32_t>();
+    interleaved.resize(tokens * cols);
+    offsets.assign(tokens * a.chunks * 8, 0);
+    for (int64_t m = 0; m < tokens; ++m)
+      for (int64_t chunk = 0; chunk < a.chunks; ++chunk) {
+        const int8_t* from = a.codes + m * cols + chunk * 64;
+        int8_t* to = interleaved.data() + m * cols + chunk * 64;
+        int32_t sum = 0;
+        for (int i = 0; i < 32; ++i) {
+          to[i] = from[2 * i];
+          to[32 + i] = from[2 * i + 1];
+          sum += from[2 * i] + from[2 * i + 1];
+        }
+        offsets[(m * a.chunks + chunk) * 8] = 8 * sum;
+      }
+    a.codes = interleaved.data();
+    a.offsets = offsets.data();
   }
 #endif
   auto out = at::empty({tokens, out_features}, x.options());
   float* y = out.data_ptr<float>();
-  const float* token_absmax = absmax.data_ptr<float>();
+  const float* token_absmax = quantised.absmax.data();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
     for (int64_t block = 0; block < tokens; block += kTokenBlock) {
@@ -392,7 +426,7 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at:
       }
     }
   });
-  return out;
+  return shaped_like(out, input);
 }
 
 }  // namespace
@@ -454,7 +488,7 @@ def load_ternary_kernel() -> object | None:
     if "kernel" not in _state:
         try:
             build_kernel()
-            _state["kernel"] = torch.ops.microvlm_ternary.linear
+            _state["kernel"] = torch.ops.microvlm_ternary.linear.default
         except (RuntimeError, OSError, ImportError) as error:
             logger.warning(
                 "ternary kernel: could not build the native CPU kernel (%s); ternary layers and the packed LM head "
@@ -495,11 +529,7 @@ def ternary_linear(
     if x.device.type != "cpu" or bits is None or not 2 <= bits <= 8 or (x.requires_grad and torch.is_grad_enabled()):
         return None
     kernel = load_ternary_kernel()
-    if kernel is None:
-        return None
-    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = kernel(flat, packed.contiguous(), out_features, weight_scale.float(), bias, bits)
-    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+    return None if kernel is None else kernel(x, packed, out_features, weight_scale, bias, bits)
 
 
 def packed_linear(
@@ -515,8 +545,4 @@ def packed_linear(
         return None
     if load_ternary_kernel() is None:
         return None
-    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = torch.ops.microvlm_ternary.packed_linear(
-        flat, codes.contiguous(), scales.contiguous(), out_features, bits, group_size
-    )
-    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+    return torch.ops.microvlm_ternary.packed_linear.default(x, codes, scales, out_features, bits, group_size)
