@@ -14,7 +14,8 @@ logits; decode ms/token = median time between consecutive steps' logits (one for
 cache update), so a noisy prefill does not leak into decode. Generation runs without an end-of-sequence token, so
 every call makes N tokens and no other per-step processor (such as `min_new_tokens`'s) is timed. Ratios are speeds
 (time of the reference / time of the row). The last lines split one decode step of the exported model with the kernels
-(`torch.profiler` over `generate(N)` minus `generate(1)`, self CPU time per token): LM head, ternary layers,
+(`torch.profiler` over the N − 1 decode steps of `generate(N)`, started when the prefill's logits arrive; self CPU
+time per token): LM head, ternary layers,
 attention, the other operators, and the timed step minus all operators (Python: module calls, transformers'
 decoder layers and `generate` loop, operator dispatch). The machine's load averages are printed before and after: a
 shared machine slows every row.
@@ -59,8 +60,9 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def generate(model, inputs: dict, tokens: int, clock: StepClock | None = None) -> torch.Tensor:
-    """Greedy generation of exactly `tokens` new tokens (no end-of-sequence token)."""
+def generate(model, inputs: dict, tokens: int, clock: LogitsProcessor | None = None) -> torch.Tensor:
+    """Greedy generation of exactly `tokens` new tokens (no end-of-sequence token); `clock` sees every step's
+    logits."""
     processors = LogitsProcessorList([clock] if clock is not None else [])
     settings = {"max_new_tokens": tokens, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
     out = model.generate(**inputs, **settings, logits_processor=processors)
@@ -96,21 +98,29 @@ OTHER_OPERATORS = "other operators (norms, rotary, SiLU, cache, embedding)"
 OUTSIDE_OPERATORS = "outside operators (Python, dispatch): timed step - profiled"
 
 
+class ProfileDecode(LogitsProcessor):
+    """Starts `profiler` when the first (prefill) logits arrive, so that it records the decode steps only."""
+
+    def __init__(self, profiler: profile):
+        self.profiler, self.started = profiler, False
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if not self.started:
+            self.profiler.start()
+            self.started = True
+        return scores
+
+
 def decode_breakdown(model, inputs: dict, new_tokens: int, decode_seconds: float) -> dict[str, float]:
-    """Self CPU seconds per decode token by part (`DECODE_PARTS`, else `OTHER_OPERATORS`): profile of generate(N)
-    minus that of generate(1), over N − 1; `OUTSIDE_OPERATORS` = `decode_seconds` (the timed step) − their sum."""
-
-    def profiled(tokens: int) -> dict[str, float]:
-        with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            generate(model, inputs, tokens)
-        parts: dict[str, float] = {}
-        for event in profiler.key_averages():
-            part = DECODE_PARTS.get(event.key, OTHER_OPERATORS)
-            parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total / 1e6
-        return parts
-
-    prefill, total = profiled(1), profiled(new_tokens)
-    parts = {part: (seconds - prefill.get(part, 0.0)) / (new_tokens - 1) for part, seconds in total.items()}
+    """Self CPU seconds per decode token by part (`DECODE_PARTS`, else `OTHER_OPERATORS`), profiled over the
+    N − 1 decode steps of generate(N); `OUTSIDE_OPERATORS` = `decode_seconds` (the timed step) − their sum."""
+    profiler = profile(activities=[ProfilerActivity.CPU])
+    generate(model, inputs, new_tokens, ProfileDecode(profiler))
+    profiler.stop()
+    parts: dict[str, float] = {}
+    for event in profiler.key_averages():
+        part = DECODE_PARTS.get(event.key, OTHER_OPERATORS)
+        parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total / 1e6 / (new_tokens - 1)
     return {**parts, OUTSIDE_OPERATORS: decode_seconds - sum(parts.values())}
 
 

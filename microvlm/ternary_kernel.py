@@ -11,7 +11,9 @@ per instruction, summed in int16 for 32 steps and widened with `vpmaddwd`) and o
 the +1. The integer dot product is exact; the output differs from the float reference (unpacked W_q times the
 dequantised x_q, `PackedBitLinear`'s PyTorch path) by float rounding only. Threads (`at::parallel_for`, torch's
 intra-op pool) split the packed rows; tokens are taken in pairs so that each byte of weights is unpacked once per
-two tokens, and in blocks of 64 so that a block's activations stay in cache.
+two tokens, and in blocks of 64 so that a block's activations stay in cache. Both ops take x (..., K) of any float
+dtype and return (..., N) in x's dtype (the reshape and casts happen in C++, not in per-call Python), and keep the
+int8 activations in per-thread buffers reused across calls.
 
 The same extension holds `packed_linear`, the packed LM head, the llama.cpp Q4 × Q8 way: for W stored as
 `packed_weights.Int8Weight` (int8 codes w, one scale s_r per row) or `Int4Weight` (codes w + 8 ∈ [1, 15], one
@@ -29,8 +31,8 @@ with the inner sums in integers: int4 multiplies the unsigned stored codes by th
 The C++ source is embedded below so that it travels with the remote code of an exported folder (transformers
 copies the `.py` files a model's code imports, nothing else). It is compiled on first use through
 `torch.utils.cpp_extension.load_inline` (g++ and ninja; `pip install ninja` provides the latter) into torch's
-extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2 -mfma` where torch
-reports AVX2 and as portable scalar C++ elsewhere (or everywhere with `MICROVLM_TERNARY_KERNEL=portable`). When it
+extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2 -mfma -mf16c` where
+torch reports AVX2 and as portable scalar C++ elsewhere (or everywhere with `MICROVLM_TERNARY_KERNEL=portable`). When it
 cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers get `None` from `load_ternary_kernel` (one warning)
 and keep the PyTorch path: same results up to float rounding.
 
@@ -503,7 +505,8 @@ def load_ternary_kernel() -> object | None:
 
 @contextmanager
 def ternary_kernel_disabled() -> Iterator[None]:
-    """Within the block, ternary layers take the pure-PyTorch path (for comparisons and tests)."""
+    """Within the block, ternary layers and packed LM heads take the pure-PyTorch path (for comparisons and
+    tests)."""
     previous = os.environ.get(ENVIRONMENT_SWITCH)
     os.environ[ENVIRONMENT_SWITCH] = "0"
     try:
