@@ -13,12 +13,12 @@ processor that only records when each step's logits arrive: prefill = median tim
 logits; decode ms/token = median time between consecutive steps' logits (one forward, the greedy choice and the
 cache update), so a noisy prefill does not leak into decode. Generation runs without an end-of-sequence token, so
 every call makes N tokens and no other per-step processor (such as `min_new_tokens`'s) is timed. Ratios are speeds
-(time of the reference / time of the row). The last lines split one decode step of the exported model with the kernels
-(`torch.profiler` over the N − 1 decode steps of `generate(N)`, started when the prefill's logits arrive; self CPU
-time per token): LM head, ternary layers,
-attention, the other operators, and the timed step minus all operators (Python: module calls, transformers'
-decoder layers and `generate` loop, operator dispatch). The machine's load averages are printed before and after: a
-shared machine slows every row.
+(time of the reference / time of the row). The last lines split one decode step of the exported model with the
+kernels (`torch.profiler` over the N − 1 decode steps of `generate(N)`, started when the prefill's logits arrive;
+self CPU time per token): LM head, ternary layers, attention, the other operators, and the profiled steps' wall time
+minus all operators (Python: module calls, transformers' decoder layers and `generate` loop, operator dispatch; the
+profiler's own overhead inflates it). The machine's load averages are printed before and after: a shared machine
+slows every row.
 """
 
 import argparse
@@ -95,33 +95,35 @@ DECODE_PARTS = {  # profiler operator → part of a decode step
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
 }
 OTHER_OPERATORS = "other operators (norms, rotary, SiLU, cache, embedding)"
-OUTSIDE_OPERATORS = "outside operators (Python, dispatch): timed step - profiled"
+OUTSIDE_OPERATORS = "outside operators (Python, dispatch, profiler)"
 
 
 class ProfileDecode(LogitsProcessor):
     """Starts `profiler` when the first (prefill) logits arrive, so that it records the decode steps only."""
 
     def __init__(self, profiler: profile):
-        self.profiler, self.started = profiler, False
+        self.profiler, self.start = profiler, None
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if not self.started:
+        if self.start is None:
             self.profiler.start()
-            self.started = True
+            self.start = time.perf_counter()
         return scores
 
 
-def decode_breakdown(model, inputs: dict, new_tokens: int, decode_seconds: float) -> dict[str, float]:
+def decode_breakdown(model, inputs: dict, new_tokens: int) -> dict[str, float]:
     """Self CPU seconds per decode token by part (`DECODE_PARTS`, else `OTHER_OPERATORS`), profiled over the
-    N − 1 decode steps of generate(N); `OUTSIDE_OPERATORS` = `decode_seconds` (the timed step) − their sum."""
+    N − 1 decode steps of generate(N); `OUTSIDE_OPERATORS` = those steps' wall time − the operators' sum."""
     profiler = profile(activities=[ProfilerActivity.CPU])
-    generate(model, inputs, new_tokens, ProfileDecode(profiler))
+    recorder = ProfileDecode(profiler)
+    generate(model, inputs, new_tokens, recorder)
+    wall = time.perf_counter() - recorder.start
     profiler.stop()
     parts: dict[str, float] = {}
     for event in profiler.key_averages():
         part = DECODE_PARTS.get(event.key, OTHER_OPERATORS)
         parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total / 1e6 / (new_tokens - 1)
-    return {**parts, OUTSIDE_OPERATORS: decode_seconds - sum(parts.values())}
+    return {**parts, OUTSIDE_OPERATORS: wall / (new_tokens - 1) - sum(parts.values())}
 
 
 def microvlm_inputs(model, config: MicroVLMConfig, inputs: dict, episode: int, dtype: torch.dtype) -> dict:
@@ -164,7 +166,7 @@ def main() -> None:
     ternary_inputs = microvlm_inputs(ternary, config, inputs, args.episode, torch.float32)
     kernel = "kernels" if load_ternary_kernel() is not None else "kernels NOT BUILT"
     rows.update(timings({f"1.58-bit export, {kernel}": (ternary, ternary_inputs)}, args.new_tokens, args.repeats))
-    breakdown = decode_breakdown(ternary, ternary_inputs, args.new_tokens, rows[f"1.58-bit export, {kernel}"][1])
+    breakdown = decode_breakdown(ternary, ternary_inputs, args.new_tokens)
     if not args.skip_fallback:
         with ternary_kernel_disabled():
             fallback = {"1.58-bit export, fallback": (ternary, ternary_inputs)}
