@@ -32,9 +32,9 @@ The C++ source is embedded below so that it travels with the remote code of an e
 copies the `.py` files a model's code imports, nothing else). It is compiled on first use through
 `torch.utils.cpp_extension.load_inline` (g++ and ninja; `pip install ninja` provides the latter) into torch's
 extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2 -mfma -mf16c` where
-torch reports AVX2 and as portable scalar C++ elsewhere (or everywhere with `MICROVLM_TERNARY_KERNEL=portable`). When it
-cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers get `None` from `load_ternary_kernel` (one warning)
-and keep the PyTorch path: same results up to float rounding.
+torch reports AVX2 and as portable scalar C++ elsewhere (or everywhere with `MICROVLM_TERNARY_KERNEL=portable`).
+When it cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers get `None` from `load_ternary_kernel` (one
+warning) and keep the PyTorch path: same results up to float rounding.
 
 This module is shipped as Hugging Face remote code: it depends on torch only.
 """

@@ -133,8 +133,9 @@ def head_reference(x: torch.Tensor, form: Float16Weight, stored: tuple) -> torch
     ("rows", "cols", "group_size", "tokens"),
     [
         (37, 128, 64, 1),  # whole 64-element chunks (the AVX2 path), one token
-        (19, 192, 128, 6),  # groups of two chunks; a block of 4 tokens plus a tail of 2
-        (13, 100, 20, 5),  # columns and groups that are not multiples of 64 (the portable path), groups across rows
+        (19, 192, 128, 6),  # groups of two chunks, every other one spanning two rows; 4 tokens plus a tail of 2
+        (13, 100, 20, 5),  # columns and groups that are not multiples of 64 (the portable path)
+        (9, 72, 48, 3),  # groups that span two rows (portable path)
         (11, 320, 64, 3),  # groups of 64 whose rows are not a multiple of 128 columns
         (7, 64, 64, 70),  # more tokens than a 64-token block
     ],
