@@ -1,7 +1,8 @@
 """Greedy decode ms/token and prefill time at "microvlm-v" dims (random weights, CPU), all rows in one run:
 
 * plain `Qwen2ForCausalLM` (the same text config) in float32 and bfloat16, on a prompt of the same length;
-* MicroVLM in float32 and bfloat16: one image prefix + text, memory on with an episode of --episode written steps;
+* MicroVLM in float32 and bfloat16: one image prefix + text, memory on with an episode of --episode written steps
+  (timed interleaved with Qwen2 of the same dtype, call by call, so that a change of load hits both rows);
 * the exported MicroVLM in the default form of `python -m microvlm.export` (ternary LM body trained with
   `lm_use_bitnet`, int4 tied embedding / LM head, int8 vision tower, adapter and memory), loaded through its remote
   code, with the native kernels (`microvlm/ternary_kernel.py`: ternary body and packed LM head) and with the
@@ -12,9 +13,12 @@ processor that only records when each step's logits arrive: prefill = median tim
 logits; decode ms/token = median time between consecutive steps' logits (one forward, the greedy choice and the
 cache update), so a noisy prefill does not leak into decode. Generation runs without an end-of-sequence token, so
 every call makes N tokens and no other per-step processor (such as `min_new_tokens`'s) is timed. Ratios are speeds
-(time of the reference / time of the row). The last lines split one decode step of the exported model with the kernels
-(`torch.profiler` over `generate(N)` minus `generate(1)`, self CPU time per token): LM head, ternary layers,
-attention, the rest. The machine's load averages are printed before and after: a shared machine slows every row.
+(time of the reference / time of the row). The last lines split one decode step of the exported model with the
+kernels (`torch.profiler` over the N − 1 decode steps of `generate(N)`, started when the prefill's logits arrive;
+self CPU time per token): LM head, ternary layers, attention, the other operators, and the profiled steps' wall time
+minus all operators (Python: module calls, transformers' decoder layers and `generate` loop, operator dispatch; the
+profiler's own overhead inflates it). The machine's load averages are printed before and after: a shared machine
+slows every row.
 """
 
 import argparse
@@ -56,8 +60,9 @@ class StepClock(LogitsProcessor):
         return scores
 
 
-def generate(model, inputs: dict, tokens: int, clock: StepClock | None = None) -> torch.Tensor:
-    """Greedy generation of exactly `tokens` new tokens (no end-of-sequence token)."""
+def generate(model, inputs: dict, tokens: int, clock: LogitsProcessor | None = None) -> torch.Tensor:
+    """Greedy generation of exactly `tokens` new tokens (no end-of-sequence token); `clock` sees every step's
+    logits."""
     processors = LogitsProcessorList([clock] if clock is not None else [])
     settings = {"max_new_tokens": tokens, "do_sample": False, "eos_token_id": None, "pad_token_id": 0}
     out = model.generate(**inputs, **settings, logits_processor=processors)
@@ -66,42 +71,59 @@ def generate(model, inputs: dict, tokens: int, clock: StepClock | None = None) -
     return out
 
 
-def timings(model, inputs: dict, new_tokens: int, repeats: int) -> tuple[float, float]:
-    """(prefill seconds, decode seconds per token) of greedy generation: medians over --repeats calls after a
-    warm-up of the time to the first logits and of the time between consecutive steps' logits."""
-    model.generation_config.eos_token_id = None
-    generate(model, inputs, 2)
-    prefills, steps = [], []
+def timings(runs: dict[str, tuple], new_tokens: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """name → (prefill seconds, decode seconds per token) of greedy generation for each (model, inputs) of `runs`:
+    medians over --repeats calls after a warm-up of the time to the first logits and of the time between
+    consecutive steps' logits. The models take turns, call by call."""
+    for model, inputs in runs.values():
+        model.generation_config.eos_token_id = None
+        generate(model, inputs, 2)
+    prefills: dict[str, list[float]] = {name: [] for name in runs}
+    steps: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeats):
-        clock, start = StepClock(), time.perf_counter()
-        generate(model, inputs, new_tokens, clock)
-        prefills.append(clock.times[0] - start)
-        steps += [later - earlier for earlier, later in zip(clock.times, clock.times[1:])]
-    return statistics.median(prefills), statistics.median(steps)
+        for name, (model, inputs) in runs.items():
+            clock, start = StepClock(), time.perf_counter()
+            generate(model, inputs, new_tokens, clock)
+            prefills[name].append(clock.times[0] - start)
+            steps[name] += [later - earlier for earlier, later in zip(clock.times, clock.times[1:])]
+    return {name: (statistics.median(prefills[name]), statistics.median(steps[name])) for name in runs}
 
 
 DECODE_PARTS = {  # profiler operator → part of a decode step
-    "microvlm_ternary::packed_linear": "LM head (packed int4 kernel)",
+    "microvlm_ternary::packed_linear": "LM head (packed int4 x int8 kernel)",
     "microvlm_ternary::linear": "ternary layers (kernel)",
     "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
 }
+OTHER_OPERATORS = "other operators (norms, rotary, SiLU, cache, embedding)"
+OUTSIDE_OPERATORS = "outside operators (Python, dispatch, profiler)"
+
+
+class ProfileDecode(LogitsProcessor):
+    """Starts `profiler` when the first (prefill) logits arrive, so that it records the decode steps only."""
+
+    def __init__(self, profiler: profile):
+        self.profiler, self.start = profiler, None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.start is None:
+            self.profiler.start()
+            self.start = time.perf_counter()
+        return scores
 
 
 def decode_breakdown(model, inputs: dict, new_tokens: int) -> dict[str, float]:
-    """Self CPU seconds per decode token by part (`DECODE_PARTS`, else "the rest"): profile of generate(N) minus
-    that of generate(1), over N − 1."""
-
-    def profiled(tokens: int) -> dict[str, float]:
-        with profile(activities=[ProfilerActivity.CPU]) as profiler:
-            generate(model, inputs, tokens)
-        parts: dict[str, float] = {}
-        for event in profiler.key_averages():
-            part = DECODE_PARTS.get(event.key, "the rest (norms, rotary, projections' glue, generate loop)")
-            parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total / 1e6
-        return parts
-
-    prefill, total = profiled(1), profiled(new_tokens)
-    return {part: (seconds - prefill.get(part, 0.0)) / (new_tokens - 1) for part, seconds in total.items()}
+    """Self CPU seconds per decode token by part (`DECODE_PARTS`, else `OTHER_OPERATORS`), profiled over the
+    N − 1 decode steps of generate(N); `OUTSIDE_OPERATORS` = those steps' wall time − the operators' sum."""
+    profiler = profile(activities=[ProfilerActivity.CPU])
+    recorder = ProfileDecode(profiler)
+    generate(model, inputs, new_tokens, recorder)
+    wall = time.perf_counter() - recorder.start
+    profiler.stop()
+    parts: dict[str, float] = {}
+    for event in profiler.key_averages():
+        part = DECODE_PARTS.get(event.key, OTHER_OPERATORS)
+        parts[part] = parts.get(part, 0.0) + event.self_cpu_time_total / 1e6 / (new_tokens - 1)
+    return {**parts, OUTSIDE_OPERATORS: wall / (new_tokens - 1) - sum(parts.values())}
 
 
 def microvlm_inputs(model, config: MicroVLMConfig, inputs: dict, episode: int, dtype: torch.dtype) -> dict:
@@ -130,23 +152,25 @@ def main() -> None:
     rows: dict[str, tuple[float, float]] = {}
     for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
         lm = Qwen2ForCausalLM(config.text_config).eval().to(dtype)
-        rows[f"Qwen2 {name}"] = timings(lm, {"input_ids": inputs["input_ids"]}, args.new_tokens, args.repeats)
-        del lm
         model = MicroVLMForCausalLM(config).eval().to(dtype)
-        model_inputs = microvlm_inputs(model, config, inputs, args.episode, dtype)
-        rows[f"MicroVLM {name}"] = timings(model, model_inputs, args.new_tokens, args.repeats)
-        del model
+        runs = {
+            f"Qwen2 {name}": (lm, {"input_ids": inputs["input_ids"]}),
+            f"MicroVLM {name}": (model, microvlm_inputs(model, config, inputs, args.episode, dtype)),
+        }
+        rows.update(timings(runs, args.new_tokens, args.repeats))
+        del lm, model, runs
     with tempfile.TemporaryDirectory() as folder:
         config.lm_use_bitnet = True
         write_export(MicroVLMForCausalLM(config).eval(), None, folder, WeightFormats())
         ternary = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
     ternary_inputs = microvlm_inputs(ternary, config, inputs, args.episode, torch.float32)
     kernel = "kernels" if load_ternary_kernel() is not None else "kernels NOT BUILT"
-    rows[f"1.58-bit export, {kernel}"] = timings(ternary, ternary_inputs, args.new_tokens, args.repeats)
+    rows.update(timings({f"1.58-bit export, {kernel}": (ternary, ternary_inputs)}, args.new_tokens, args.repeats))
     breakdown = decode_breakdown(ternary, ternary_inputs, args.new_tokens)
     if not args.skip_fallback:
         with ternary_kernel_disabled():
-            rows["1.58-bit export, fallback"] = timings(ternary, ternary_inputs, args.new_tokens, args.repeats)
+            fallback = {"1.58-bit export, fallback": (ternary, ternary_inputs)}
+            rows.update(timings(fallback, args.new_tokens, args.repeats))
     print_table(rows, args, breakdown, (load_before, os.getloadavg()))
 
 

@@ -21,9 +21,13 @@ float32 weight dequantised on access (state-dict keys `<module>.parametrizations
 parameter — a conv kernel, `nn.MultiheadAttention.in_proj_weight`, the memory prior — can be stored packed.
 A quantised embedding that the LM head was tied to ("tied_lm_head": true; the config then says
 `tie_word_embeddings=False`, since transformers cannot tie to a parametrized weight) is read by `TiedLMHead`, so it
-is stored once. A packed embedding is a `PackedEmbedding`, whose lookup dequantises only the rows it reads; the LM
-head (`TiedLMHead`, or `PackedLinear` when untied) runs the native int8/int4 kernel (`ternary_kernel.packed_linear`)
-on the stored codes on the CPU, so the vocab × hidden matrix is never dequantised whole at inference.
+is stored once. A packed embedding is a `PackedEmbedding`, whose lookup dequantises only the rows it reads. An LM head
+stored int8 or int4 (`TiedLMHead`, or `PackedLinear` when untied) quantises its input per token to int8
+(`bitnet.quantise_activations`, as every ternary layer does) and computes logits = x_q · W_deqᵀ: on the CPU by the
+native int8/int4 × int8 kernel (`ternary_kernel.packed_linear`) on the stored codes, so the vocab × hidden matrix
+is never dequantised whole at inference; elsewhere (or without the kernel) as that float product. Its logits thus
+carry the int8 activation rounding, like every ternary layer's outputs (`benchmarks/head_activation_rounding.py`
+measures the effect).
 
 This module is shipped as Hugging Face remote code: it depends on torch and the other shipped modules only.
 """
@@ -49,6 +53,7 @@ COMPONENT_FORMATS = {
     "rest": ("fp32", "fp16", "int8", "int4"),
 }
 FLOAT16_TINY = torch.finfo(torch.float16).tiny
+HEAD_ACTIVATION_BITS = 8  # an int8/int4 LM head's activations, the bits its native kernel computes with
 
 
 class PackedBitLinear(nn.Module):
@@ -115,9 +120,16 @@ class Float16Weight(nn.Module):
         """Rows `index` (n,) of the weight (d₀, …) → (n, …): what `forward(...)[index]` gives, reading those rows."""
         return stored[index].to(self.dtype)
 
-    def linear(self, x: torch.Tensor, *stored: torch.Tensor) -> torch.Tensor | None:
-        """x Wᵀ by the native kernel (`ternary_kernel.packed_linear`) where it applies, else `None`."""
-        return None
+    def linear(self, x: torch.Tensor, *stored: torch.Tensor) -> torch.Tensor:
+        """The output x (..., in) → (..., out) of a linear layer whose weight (out, in) is stored in this form:
+        float16 weights read as float, x Wᵀ."""
+        return nn.functional.linear(x, self(*stored).to(x.dtype))
+
+
+def quantised_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x_q Wᵀ for x (..., in) and W (out, in), x_q = `quantise_activations(x, HEAD_ACTIVATION_BITS)`: what the
+    native int8/int4 head kernel computes, in float (its fallback)."""
+    return nn.functional.linear(quantise_activations(x, HEAD_ACTIVATION_BITS), weight.to(x.dtype))
 
 
 class Int8Weight(Float16Weight):
@@ -139,10 +151,11 @@ class Int8Weight(Float16Weight):
     def rows(self, index: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         return self.values(codes[index], scales[index])
 
-    def linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-        if codes.dim() != 2:
-            return None
-        return packed_linear(x, codes, scales, codes.shape[0], bits=8)
+    def linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x_q Wᵀ with x quantised per token to int8 (`quantised_linear`): the native int8 × int8 kernel where it
+        applies, else in float on the dequantised W."""
+        y = packed_linear(x, codes, scales, codes.shape[0], bits=8) if codes.dim() == 2 else None
+        return y if y is not None else quantised_linear(x, self(codes, scales))
 
 
 class Int4Weight(Float16Weight):
@@ -174,10 +187,12 @@ class Int4Weight(Float16Weight):
         values = self.groups(codes.view(rows, -1, self.group_size // 2)[index], scales.view(rows, -1, 1)[index])
         return values.flatten(-2).to(self.dtype)
 
-    def linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor | None:
-        if len(self.shape) != 2:
-            return None
-        return packed_linear(x, codes, scales, self.shape[0], bits=4, group_size=self.group_size)
+    def linear(self, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+        """x_q Wᵀ with x quantised per token to int8 (`quantised_linear`): the native int4 × int8 kernel where it
+        applies, else in float on the dequantised W."""
+        applies = len(self.shape) == 2
+        y = packed_linear(x, codes, scales, self.shape[0], 4, self.group_size) if applies else None
+        return y if y is not None else quantised_linear(x, self(codes, scales))
 
     def right_inverse(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         flat = weight.detach().float().flatten()
@@ -200,11 +215,12 @@ def stored_weight(module: nn.Module) -> tuple[Float16Weight, tuple[torch.Tensor,
 
 
 def packed_matmul(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """x (..., in) · Wᵀ for `module.weight` W (out, in): the native kernel on its packed form where it applies
-    (`Int8Weight.linear`, `Int4Weight.linear`), else x times the dequantised W."""
+    """x (..., in) → (..., out) through `module.weight` W (out, in) in its stored form (`Float16Weight.linear`:
+    int8/int4 quantise x to int8 and run the native kernel where it applies), or x Wᵀ when W is not packed."""
     stored = stored_weight(module)
-    y = stored[0].linear(x, *stored[1]) if stored is not None else None
-    return y if y is not None else nn.functional.linear(x, module.weight.to(x.dtype))
+    return (
+        stored[0].linear(x, *stored[1]) if stored is not None else nn.functional.linear(x, module.weight.to(x.dtype))
+    )
 
 
 class PackedEmbedding(nn.Embedding):

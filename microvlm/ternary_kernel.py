@@ -11,21 +11,30 @@ per instruction, summed in int16 for 32 steps and widened with `vpmaddwd`) and o
 the +1. The integer dot product is exact; the output differs from the float reference (unpacked W_q times the
 dequantised x_q, `PackedBitLinear`'s PyTorch path) by float rounding only. Threads (`at::parallel_for`, torch's
 intra-op pool) split the packed rows; tokens are taken in pairs so that each byte of weights is unpacked once per
-two tokens, and in blocks of 64 so that a block's activations stay in cache.
+two tokens, and in blocks of 64 so that a block's activations stay in cache. Both ops take x (..., K) of any float
+dtype and return (..., N) in x's dtype (the reshape and casts happen in C++, not in per-call Python), and keep the
+int8 activations in per-thread buffers reused across calls.
 
-The same extension holds `packed_linear`, the packed LM head: x · Wᵀ for W stored as `packed_weights.Int8Weight`
-(int8 per row) or `Int4Weight` (int4 groups), float activations. Each weight is dequantised in registers to exactly
-the float32 value PyTorch's dequantisation gives, (q − 8) · s or q · s, and multiplied by x with float32 FMAs
-(64 weights per step, 4 tokens per pass over a row), so the 136M-weight head of "microvlm-v" is read at 4 or 8 bits
-per weight instead of 32 and never materialised in float.
+The same extension holds `packed_linear`, the packed LM head, the llama.cpp Q4 × Q8 way: for W stored as
+`packed_weights.Int8Weight` (int8 codes w, one scale s_r per row) or `Int4Weight` (codes w + 8 ∈ [1, 15], one
+float16 scale s_g per group of G elements), the activations are quantised per token as above (Q = 127) and
+
+    y_mr = (a_m / Q) · Σ_g s_g Σ_{c ∈ g} w_rc q_mc      (int8: one group, the row)
+
+with the inner sums in integers: int4 multiplies the unsigned stored codes by the signed activations
+(`vpmaddubsw`, the low and high nibbles of 32 bytes against activations reordered to match) and subtracts
+8 · Σ q per 64-element chunk; int8 multiplies |q| by sign(w, q). Each group's integer sum is scaled in float32
+(int4) or the row's (int8); 4 tokens per pass over a row, threads over vocabulary rows. So the 136M-weight head of
+"microvlm-v" is read at 4 or 8 bits per weight and never dequantised, and its output equals the float reference
+(dequantised W times the dequantised int8 activations, `packed_weights.quantised_linear`) up to float rounding.
 
 The C++ source is embedded below so that it travels with the remote code of an exported folder (transformers
 copies the `.py` files a model's code imports, nothing else). It is compiled on first use through
 `torch.utils.cpp_extension.load_inline` (g++ and ninja; `pip install ninja` provides the latter) into torch's
-extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2 -mfma` where torch
-reports AVX2 and as portable scalar C++ elsewhere (or everywhere with `MICROVLM_TERNARY_KERNEL=portable`). When it
-cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers get `None` from `load_ternary_kernel` (one warning)
-and keep the PyTorch path: same results up to float rounding.
+extension cache (`$TORCH_EXTENSIONS_DIR`, default `~/.cache/torch_extensions`), with `-mavx2 -mfma -mf16c` where
+torch reports AVX2 and as portable scalar C++ elsewhere (or everywhere with `MICROVLM_TERNARY_KERNEL=portable`).
+When it cannot be built, or `MICROVLM_TERNARY_KERNEL=0` is set, callers get `None` from `load_ternary_kernel` (one
+warning) and keep the PyTorch path: same results up to float rounding.
 
 This module is shipped as Hugging Face remote code: it depends on torch only.
 """
@@ -51,6 +60,7 @@ KERNEL_SOURCE = r"""
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <vector>
 #if defined(__AVX2__)
 #include <immintrin.h>
 #endif
@@ -60,10 +70,39 @@ namespace {
 constexpr float kEps = 1e-5f;      // bitnet.EPS
 constexpr int64_t kTokenBlock = 64;  // tokens whose int8 activations share the cache while rows go by
 
+// x (..., K), any floating dtype → contiguous float32 (tokens, K): the tokens as the kernels read them.
+at::Tensor token_matrix(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.device().is_cpu() && at::isFloatingType(x.scalar_type()) && x.dim() >= 1, op,
+              ": x must be a floating-point CPU tensor (..., in_features)");
+  return x.reshape({-1, x.size(-1)}).to(at::kFloat).contiguous();
+}
+
+// y (tokens, N) float32 → (..., N) in x's shape and dtype.
+at::Tensor shaped_like(const at::Tensor& y, const at::Tensor& x) {
+  std::vector<int64_t> shape = x.sizes().vec();
+  shape.back() = y.size(1);
+  return y.view(shape).to(x.scalar_type());
+}
+
+// Per-token int8 activations: codes q (tokens, cols), absmax a and Σ_c q per token. Buffers kept by the calling
+// thread and reused, so a decode step allocates nothing for them.
+struct QuantisedTokens {
+  std::vector<int8_t> codes;
+  std::vector<float> absmax;
+  std::vector<int32_t> sums;
+};
+
 // Per-token absmax quantisation with bitnet.quantise_activations' float32 arithmetic: q = clamp(round(x * Q / a)).
-void quantise_tokens(const float* x, int64_t tokens, int64_t cols, int64_t levels, int8_t* q, float* absmax,
-                     int32_t* sums) {
-  at::parallel_for(0, tokens, 1, [&](int64_t begin, int64_t end) {
+const QuantisedTokens& quantise_tokens(const float* x, int64_t tokens, int64_t cols, int64_t levels) {
+  thread_local QuantisedTokens buffers;
+  buffers.codes.resize(tokens * cols);
+  buffers.absmax.resize(tokens);
+  buffers.sums.resize(tokens);
+  int8_t* q = buffers.codes.data();
+  float* absmax = buffers.absmax.data();
+  int32_t* sums = buffers.sums.data();
+  const int64_t grain = std::max<int64_t>(2, 65536 / std::max<int64_t>(cols, 1));  // one token runs inline
+  at::parallel_for(0, tokens, grain, [&](int64_t begin, int64_t end) {
     for (int64_t m = begin; m < end; ++m) {
       const float* row = x + m * cols;
       float a = 0.f;
@@ -81,6 +120,7 @@ void quantise_tokens(const float* x, int64_t tokens, int64_t cols, int64_t level
       sums[m] = sum;
     }
   });
+  return buffers;
 }
 
 #if defined(__AVX2__)
@@ -137,32 +177,27 @@ void code_dots(const uint8_t* w, const int8_t* q, int64_t cols, int32_t dots[T][
   }
 }
 
-at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, int64_t out_features,
+// x (..., K) → y (..., N) in x's dtype, for the (N, K) ternary layer packed in `packed` (module docstring).
+at::Tensor ternary_linear(const at::Tensor& input, const at::Tensor& packed, int64_t out_features,
                           const at::Tensor& weight_scale, const std::optional<at::Tensor>& bias, int64_t bits) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "ternary_linear: x must be a contiguous float32 CPU tensor (tokens, in_features)");
+  const at::Tensor x = token_matrix(input, "ternary_linear");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 2 && packed.is_contiguous() &&
                   packed.size(0) == (out_features + 3) / 4 && packed.size(1) == x.size(1),
               "ternary_linear: packed must be contiguous uint8 (ceil(out_features / 4), in_features)");
   TORCH_CHECK(bits >= 2 && bits <= 8, "ternary_linear: activation bits must lie in [2, 8]");
+  TORCH_CHECK(weight_scale.numel() == 1, "ternary_linear: weight_scale must hold one value");
   const int64_t tokens = x.size(0), cols = x.size(1), packed_rows = packed.size(0);
   const int64_t levels = (int64_t{1} << (bits - 1)) - 1;
-  auto q = at::empty({tokens, cols}, x.options().dtype(at::kChar));
-  auto absmax = at::empty({tokens}, x.options());
-  auto sums = at::empty({tokens}, x.options().dtype(at::kInt));
-  quantise_tokens(x.data_ptr<float>(), tokens, cols, levels, q.data_ptr<int8_t>(), absmax.data_ptr<float>(),
-                  sums.data_ptr<int32_t>());
-  TORCH_CHECK(weight_scale.scalar_type() == at::kFloat && weight_scale.numel() == 1,
-              "ternary_linear: weight_scale must be one float32 value");
-  const float inverse_scale = *weight_scale.data_ptr<float>();
+  const QuantisedTokens& quantised = quantise_tokens(x.data_ptr<float>(), tokens, cols, levels);
+  const float inverse_scale = weight_scale.to(at::kFloat).data_ptr<float>()[0];
   auto out = at::empty({tokens, out_features}, x.options());
   float* y = out.data_ptr<float>();
   const at::Tensor bias32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : at::Tensor();
   const float* b = bias32.defined() ? bias32.data_ptr<float>() : nullptr;
   const uint8_t* w = packed.data_ptr<uint8_t>();
-  const int8_t* qs = q.data_ptr<int8_t>();
-  const float* a = absmax.data_ptr<float>();
-  const int32_t* s = sums.data_ptr<int32_t>();
+  const int8_t* qs = quantised.codes.data();
+  const float* a = quantised.absmax.data();
+  const int32_t* s = quantised.sums.data();
   auto store = [&](int64_t j, int64_t m, const int32_t dots[4]) {
     const float token_scale = a[m] / static_cast<float>(levels);
     for (int k = 0; k < 4; ++k) {
@@ -192,10 +227,10 @@ at::Tensor ternary_linear(const at::Tensor& x, const at::Tensor& packed, int64_t
       }
     }
   });
-  return out;
+  return shaped_like(out, input);
 }
 
-// ---- int8 / int4 weights × float activations (the packed LM head), packed_weights.Int8Weight / Int4Weight ----
+// ---- int8 / int4 weights × int8 activations (the packed LM head), packed_weights.Int8Weight / Int4Weight ----
 
 // A (rows, cols) matrix as packed_weights stores it: bits 8: int8 codes (rows, cols) and float32 row scales;
 // bits 4: the flattened matrix two codes per byte (element 2i in the low nibble, code q + 8) and one float16
@@ -207,16 +242,47 @@ struct PackedMatrix {
   const uint8_t* int4_codes;
   const at::Half* group_scales;
 
-  // Element (r, c) exactly as the PyTorch dequantisation computes it: float(q) * s.
-  float value(int64_t r, int64_t c) const {
-    if (bits == 8) return static_cast<float>(int8_codes[r * cols + c]) * row_scales[r];
-    const int64_t e = r * cols + c;
-    const int32_t code = (e & 1) ? (int4_codes[e >> 1] >> 4) : (int4_codes[e >> 1] & 15);
-    return static_cast<float>(code - 8) * static_cast<float>(group_scales[e / group]);
-  }
   // Whole 64-element chunks of a row lie in one group: the vector path applies.
   bool chunked() const { return cols % 64 == 0 && (bits == 8 || group % 64 == 0); }
 };
+
+// Per-token int8 activations as the head's dot products read them: codes (tokens, cols); on the int4 vector path
+// each 64-element chunk's even elements then its odd ones (the order of the low and high nibbles), and one int32
+// vector per chunk holding 8 · Σ q over the chunk in lane 0 (zeros elsewhere), the correction for the codes'
+// offset of 8.
+struct HeadActivations {
+  const int8_t* codes;
+  const int32_t* offsets;
+  int64_t chunks;
+};
+
+// The portable dot product of row r with T tokens' int8 codes q: Σ_g s_g Σ_{c ∈ g} w_c q_c, with w_c = q for int8
+// (one scale per row) and code − 8 for int4 (groups of the flattened matrix, which may span rows).
+template <int T>
+void scalar_head_dots(const PackedMatrix& w, int64_t r, const int8_t* q, float dots[T]) {
+  for (int t = 0; t < T; ++t) dots[t] = 0.f;
+  if (w.bits == 8) {
+    int32_t sums[T] = {};
+    const int8_t* row = w.int8_codes + r * w.cols;
+    for (int64_t c = 0; c < w.cols; ++c)
+      for (int t = 0; t < T; ++t) sums[t] += static_cast<int32_t>(row[c]) * q[t * w.cols + c];
+    for (int t = 0; t < T; ++t) dots[t] = static_cast<float>(sums[t]) * w.row_scales[r];
+    return;
+  }
+  int64_t c = 0;
+  while (c < w.cols) {  // one group (or the part of it in this row) at a time
+    const int64_t e = r * w.cols + c, group_end = std::min(w.cols, c + w.group - e % w.group);
+    int32_t sums[T] = {};
+    for (; c < group_end; ++c) {
+      const int64_t element = r * w.cols + c;
+      const uint8_t byte = w.int4_codes[element >> 1];
+      const int32_t code = ((element & 1) ? (byte >> 4) : (byte & 15)) - 8;
+      for (int t = 0; t < T; ++t) sums[t] += code * q[t * w.cols + c];
+    }
+    const float scale = static_cast<float>(w.group_scales[e / w.group]);
+    for (int t = 0; t < T; ++t) dots[t] += static_cast<float>(sums[t]) * scale;
+  }
+}
 
 #if defined(__AVX2__)
 inline float horizontal_sum(__m256 v) {
@@ -225,80 +291,73 @@ inline float horizontal_sum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
 }
 
-inline __m256 scaled_bytes(__m128i bytes, __m256 scale) {  // 8 signed bytes → float(q) * s
-  return _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)), scale);
-}
+inline float half_to_float(at::Half h) { return _cvtsh_ss(h.x); }
 
-// Elements c .. c + 63 of row r, whose scale is s, as 8 float vectors (requires w.chunked()): in order for int8,
-// in the order of `interleave_chunks` for int4 (no lane shuffles).
-inline void dequantise_chunk(const PackedMatrix& w, int64_t r, int64_t c, float s, __m256 out[8]) {
-  const __m256 scale = _mm256_set1_ps(s);
+// The vector dot products (requires w.chunked()), the same sums as `scalar_head_dots` in integers per chunk:
+// int8: |q| · sign(w, q) (`vpmaddubsw` takes one unsigned operand; |q| ≤ 128 and |w| ≤ 127, so a pair of products
+// fits int16), summed over the row in int32; int4: the 64 codes of a chunk, low nibbles (even elements) and high
+// nibbles (odd ones) times the activations interleaved to match, Σ (w + 8) q − 8 Σ q per chunk, then × the
+// chunk's group scale in float.
+template <int T>
+void vector_head_dots(const PackedMatrix& w, int64_t r, const HeadActivations& a, int64_t m, float dots[T]) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const int8_t* q = a.codes + m * w.cols;
   if (w.bits == 8) {
-    const int8_t* p = w.int8_codes + r * w.cols + c;
-    for (int i = 0; i < 8; ++i)
-      out[i] = scaled_bytes(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i)), scale);
+    const int8_t* row = w.int8_codes + r * w.cols;
+    __m256i sums[T];
+    for (int t = 0; t < T; ++t) sums[t] = _mm256_setzero_si256();
+    for (int64_t c = 0; c < w.cols; c += 32) {
+      const __m256i weights = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c));
+      for (int t = 0; t < T; ++t) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + t * w.cols + c));
+        const __m256i pairs = _mm256_maddubs_epi16(_mm256_abs_epi8(x), _mm256_sign_epi8(weights, x));
+        sums[t] = _mm256_add_epi32(sums[t], _mm256_madd_epi16(pairs, ones));
+      }
+    }
+    for (int t = 0; t < T; ++t) dots[t] = static_cast<float>(horizontal_sum(sums[t])) * w.row_scales[r];
     return;
   }
-  // int4: dword j of the 32 bytes holds elements 8j .. 8j + 7 (nibble n = element 8j + n), so shifting every dword
-  // by 4n and masking gives elements {8j + n}: out[n] is in the order of x permuted by `interleave_chunks`.
-  const __m256i bytes =
-      _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w.int4_codes + (r * w.cols + c) / 2));
-  const __m256i mask = _mm256_set1_epi32(15), eight = _mm256_set1_epi32(8);
-  for (int n = 0; n < 8; ++n) {
-    const __m256i codes = _mm256_and_si256(_mm256_srli_epi32(bytes, 4 * n), mask);
-    out[n] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(codes, eight)), scale);
-  }
-}
-
-// x (tokens, cols) → each 64-element chunk transposed as an 8 × 8 block, element c + 8n + j = x[c + 8j + n]: the
-// order in which `dequantise_chunk` yields int4 weights.
-at::Tensor interleave_chunks(const at::Tensor& x) {
-  return x.view({x.size(0), x.size(1) / 64, 8, 8}).transpose(2, 3).contiguous().view({x.size(0), x.size(1)});
-}
-#endif
-
-// dots[t] = sum_c W[r, c] * x[t * cols + c] for T tokens (x in `dequantise_chunk`'s order on the vector path);
-// each chunk of weights is dequantised once for all T.
-template <int T>
-void packed_dots(const PackedMatrix& w, int64_t r, const float* x, float dots[T]) {
-#if defined(__AVX2__)
-  if (w.chunked()) {
-    // P independent accumulators per token, so that 4 FMA chains hide the FMA latency whatever T.
-    constexpr int P = T >= 4 ? 1 : 4 / T;
-    __m256 acc[T][P], chunk[8];
-    for (int t = 0; t < T; ++t)
-      for (int p = 0; p < P; ++p) acc[t][p] = _mm256_setzero_ps();
-    // int4: the group of the row's first element and the offset in it, advanced chunk by chunk (no division).
-    int64_t group_index = w.bits == 4 ? r * w.cols / w.group : 0, in_group = w.bits == 4 ? r * w.cols % w.group : 0;
-    for (int64_t c = 0; c < w.cols; c += 64) {
-      const float s = w.bits == 8 ? w.row_scales[r] : static_cast<float>(w.group_scales[group_index]);
-      dequantise_chunk(w, r, c, s, chunk);
-      if (w.bits == 4 && (in_group += 64) == w.group) {
-        in_group = 0;
-        ++group_index;
-      }
-      for (int t = 0; t < T; ++t)
-        for (int i = 0; i < 8; ++i)
-          acc[t][i % P] = _mm256_fmadd_ps(chunk[i], _mm256_loadu_ps(x + t * w.cols + c + 8 * i), acc[t][i % P]);
+  const __m256i mask = _mm256_set1_epi8(15);
+  const uint8_t* row = w.int4_codes + r * w.cols / 2;
+  const int32_t* offsets = a.offsets + m * a.chunks * 8;
+  __m256 acc[T];
+  for (int t = 0; t < T; ++t) acc[t] = _mm256_setzero_ps();
+  int64_t group_index = r * w.cols / w.group, in_group = r * w.cols % w.group;
+  for (int64_t c = 0, chunk = 0; c < w.cols; c += 64, ++chunk) {
+    const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + c / 2));
+    const __m256i even = _mm256_and_si256(bytes, mask), odd = _mm256_and_si256(_mm256_srli_epi16(bytes, 4), mask);
+    const __m256 scale = _mm256_set1_ps(half_to_float(w.group_scales[group_index]));
+    if ((in_group += 64) == w.group) {
+      in_group = 0;
+      ++group_index;
     }
     for (int t = 0; t < T; ++t) {
-      for (int p = 1; p < P; ++p) acc[t][0] = _mm256_add_ps(acc[t][0], acc[t][p]);
-      dots[t] = horizontal_sum(acc[t][0]);
+      const int8_t* x = q + t * w.cols + c;
+      const __m256i pairs =
+          _mm256_add_epi16(_mm256_maddubs_epi16(even, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                           _mm256_maddubs_epi16(odd, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 32))));
+      const int32_t* offset = offsets + (t * a.chunks + chunk) * 8;
+      const __m256i sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones),
+                                            _mm256_loadu_si256(reinterpret_cast<const __m256i*>(offset)));
+      acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
     }
-    return;
   }
+  for (int t = 0; t < T; ++t) dots[t] = horizontal_sum(acc[t]);
+}
 #endif
-  for (int t = 0; t < T; ++t) dots[t] = 0.f;
-  for (int64_t c = 0; c < w.cols; ++c) {
-    const float v = w.value(r, c);
-    for (int t = 0; t < T; ++t) dots[t] += v * x[t * w.cols + c];
-  }
+
+template <int T>
+void head_dots(const PackedMatrix& w, int64_t r, const HeadActivations& a, int64_t m, float dots[T]) {
+#if defined(__AVX2__)
+  if (w.chunked()) return vector_head_dots<T>(w, r, a, m, dots);
+#endif
+  scalar_head_dots<T>(w, r, a.codes + m * w.cols, dots);
 }
 
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at::Tensor& scales, int64_t out_features,
-                         int64_t bits, int64_t group_size) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == at::kFloat && x.dim() == 2 && x.is_contiguous(),
-              "packed_linear: x must be a contiguous float32 CPU tensor (tokens, in_features)");
+// x (..., K) → y (..., N) in x's dtype, for the (N, K) matrix stored as `codes` and `scales` (PackedMatrix).
+at::Tensor packed_linear(const at::Tensor& input, const at::Tensor& codes, const at::Tensor& scales,
+                         int64_t out_features, int64_t bits, int64_t group_size) {
+  const at::Tensor x = token_matrix(input, "packed_linear");
   const int64_t tokens = x.size(0), cols = x.size(1);
   PackedMatrix w{cols, bits, group_size, nullptr, nullptr, nullptr, nullptr};
   if (bits == 8) {
@@ -320,30 +379,56 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& codes, const at:
     w.int4_codes = codes.data_ptr<uint8_t>();
     w.group_scales = scales.data_ptr<at::Half>();
   }
+  constexpr int64_t kHeadBits = 8;  // the head's activations: int8, as packed_weights.HEAD_ACTIVATION_BITS
+  const int64_t levels = (int64_t{1} << (kHeadBits - 1)) - 1;
+  const QuantisedTokens& quantised = quantise_tokens(x.data_ptr<float>(), tokens, cols, levels);
+  HeadActivations a{quantised.codes.data(), nullptr, cols / 64};
+#if defined(__AVX2__)
+  thread_local std::vector<int8_t> interleaved;
+  thread_local std::vector<int32_t> offsets;
+  if (bits == 4 && w.chunked()) {
+    // Chunk by chunk: the even elements, then the odd ones (the order of the low and high nibbles).
+    interleaved.resize(tokens * cols);
+    offsets.assign(tokens * a.chunks * 8, 0);
+    for (int64_t m = 0; m < tokens; ++m)
+      for (int64_t chunk = 0; chunk < a.chunks; ++chunk) {
+        const int8_t* from = a.codes + m * cols + chunk * 64;
+        int8_t* to = interleaved.data() + m * cols + chunk * 64;
+        int32_t sum = 0;
+        for (int i = 0; i < 32; ++i) {
+          to[i] = from[2 * i];
+          to[32 + i] = from[2 * i + 1];
+          sum += from[2 * i] + from[2 * i + 1];
+        }
+        offsets[(m * a.chunks + chunk) * 8] = 8 * sum;
+      }
+    a.codes = interleaved.data();
+    a.offsets = offsets.data();
+  }
+#endif
   auto out = at::empty({tokens, out_features}, x.options());
   float* y = out.data_ptr<float>();
-#if defined(__AVX2__)
-  const at::Tensor xt = bits == 4 && w.chunked() ? interleave_chunks(x) : x;
-#else
-  const at::Tensor xt = x;
-#endif
-  const float* xs = xt.data_ptr<float>();
+  const float* token_absmax = quantised.absmax.data();
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(cols, 1));
   at::parallel_for(0, out_features, grain, [&](int64_t begin, int64_t end) {
     for (int64_t block = 0; block < tokens; block += kTokenBlock) {
       const int64_t block_end = std::min(tokens, block + kTokenBlock);
       for (int64_t r = begin; r < end; ++r) {
         int64_t m = block;
+        float dots[4];
         for (; m + 4 <= block_end; m += 4) {
-          float dots[4];
-          packed_dots<4>(w, r, xs + m * cols, dots);
-          for (int t = 0; t < 4; ++t) y[(m + t) * out_features + r] = dots[t];
+          head_dots<4>(w, r, a, m, dots);
+          for (int t = 0; t < 4; ++t)
+            y[(m + t) * out_features + r] = dots[t] * (token_absmax[m + t] / static_cast<float>(levels));
         }
-        for (; m < block_end; ++m) packed_dots<1>(w, r, xs + m * cols, y + m * out_features + r);
+        for (; m < block_end; ++m) {
+          head_dots<1>(w, r, a, m, dots);
+          y[m * out_features + r] = dots[0] * (token_absmax[m] / static_cast<float>(levels));
+        }
       }
     }
   });
-  return out;
+  return shaped_like(out, input);
 }
 
 }  // namespace
@@ -365,7 +450,7 @@ def kernel_flags() -> list[str]:
     flags = ["-O3"]
     portable = os.environ.get(ENVIRONMENT_SWITCH) == "portable"
     if not portable and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]  # torch's AVX2 capability implies FMA3
+        flags += ["-mavx2", "-mfma", "-mf16c"]  # torch's AVX2 capability implies FMA3 and F16C
     return flags
 
 
@@ -405,7 +490,7 @@ def load_ternary_kernel() -> object | None:
     if "kernel" not in _state:
         try:
             build_kernel()
-            _state["kernel"] = torch.ops.microvlm_ternary.linear
+            _state["kernel"] = torch.ops.microvlm_ternary.linear.default
         except (RuntimeError, OSError, ImportError) as error:
             logger.warning(
                 "ternary kernel: could not build the native CPU kernel (%s); ternary layers and the packed LM head "
@@ -420,7 +505,8 @@ def load_ternary_kernel() -> object | None:
 
 @contextmanager
 def ternary_kernel_disabled() -> Iterator[None]:
-    """Within the block, ternary layers take the pure-PyTorch path (for comparisons and tests)."""
+    """Within the block, ternary layers and packed LM heads take the pure-PyTorch path (for comparisons and
+    tests)."""
     previous = os.environ.get(ENVIRONMENT_SWITCH)
     os.environ[ENVIRONMENT_SWITCH] = "0"
     try:
@@ -446,28 +532,20 @@ def ternary_linear(
     if x.device.type != "cpu" or bits is None or not 2 <= bits <= 8 or (x.requires_grad and torch.is_grad_enabled()):
         return None
     kernel = load_ternary_kernel()
-    if kernel is None:
-        return None
-    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = kernel(flat, packed.contiguous(), out_features, weight_scale.float(), bias, bits)
-    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+    return None if kernel is None else kernel(x, packed, out_features, weight_scale, bias, bits)
 
 
 def packed_linear(
     x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, out_features: int, bits: int, group_size: int = 0
 ) -> torch.Tensor | None:
-    """y (..., out_features) = x · Wᵀ in x's dtype for x (..., in_features) on the CPU and W (out_features,
-    in_features) stored as `packed_weights.Int8Weight` (`bits` 8: int8 `codes` (out, in), float32 `scales` (out, 1))
-    or `Int4Weight` (`bits` 4: uint8 `codes` two per byte, float16 `scales` per `group_size` elements of the
-    flattened W). Each weight is dequantised to the float32 value the PyTorch path computes and multiplied by the
-    float activations (no activation quantisation): equal to `x @ W.T` up to float rounding. `None` where the
+    """y (..., out_features) = x_q · Wᵀ in x's dtype for x (..., in_features) on the CPU, x_q its per-token int8
+    quantisation (`bitnet.quantise_activations(x, 8)`), and W (out_features, in_features) stored as
+    `packed_weights.Int8Weight` (`bits` 8: int8 `codes` (out, in), float32 `scales` (out, 1)) or `Int4Weight`
+    (`bits` 4: uint8 `codes` two per byte, float16 `scales` per `group_size` elements of the flattened W), computed
+    in integers: equal to x_q · W_deqᵀ (`packed_weights.quantised_linear`) up to float rounding. `None` where the
     kernel is unavailable or does not apply (not CPU, or a gradient is wanted)."""
     if x.device.type != "cpu" or codes.device.type != "cpu" or (x.requires_grad and torch.is_grad_enabled()):
         return None
     if load_ternary_kernel() is None:
         return None
-    flat = x.reshape(-1, x.shape[-1]).float().contiguous()
-    y = torch.ops.microvlm_ternary.packed_linear(
-        flat, codes.contiguous(), scales.contiguous(), out_features, bits, group_size
-    )
-    return y.view(*x.shape[:-1], out_features).to(x.dtype)
+    return torch.ops.microvlm_ternary.packed_linear.default(x, codes, scales, out_features, bits, group_size)

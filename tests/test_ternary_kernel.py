@@ -124,25 +124,33 @@ def packed_forms(shape: tuple[int, int], group_size: int) -> list:
     return [Int8Weight(torch.float32), Int4Weight(torch.float32, shape, group_size)]
 
 
+def head_reference(x: torch.Tensor, form: Float16Weight, stored: tuple) -> torch.Tensor:
+    """The dequantised weights times the int8-quantised activations, in float64."""
+    return quantise_activations(x, 8).double() @ form(*stored).double().T
+
+
 @pytest.mark.parametrize(
     ("rows", "cols", "group_size", "tokens"),
     [
         (37, 128, 64, 1),  # whole 64-element chunks (the AVX2 path), one token
-        (19, 192, 128, 6),  # groups of two chunks; a block of 4 tokens plus a tail of 2
-        (13, 100, 20, 5),  # columns and groups that are not multiples of 64 (the portable path), groups across rows
+        (19, 192, 128, 6),  # groups of two chunks, every other one spanning two rows; 4 tokens plus a tail of 2
+        (13, 100, 20, 5),  # columns and groups that are not multiples of 64 (the portable path)
+        (9, 72, 48, 3),  # groups that span two rows (portable path)
+        (11, 320, 64, 3),  # groups of 64 whose rows are not a multiple of 128 columns
         (7, 64, 64, 70),  # more tokens than a 64-token block
     ],
 )
-def test_packed_head_kernel_equals_the_dequantised_matmul(kernel, rows, cols, group_size, tokens):
+def test_packed_head_kernel_equals_the_quantised_reference(kernel, rows, cols, group_size, tokens):
     torch.manual_seed(0)
     weight = torch.randn(rows, cols) * torch.logspace(-2, 1, rows).view(rows, 1)
-    x = torch.randn(tokens, cols) * 3
+    x = torch.randn(tokens, cols) * torch.logspace(-1, 1, tokens).view(tokens, 1)
+    x[-1] = 0  # an all-zero token: the absmax clamps at eps
     for form in packed_forms((rows, cols), group_size):
         stored = form.right_inverse(weight)
-        expected = x.double() @ form(*stored).double().T  # the PyTorch dequantisation, in float64
-        y = form.linear(x, *stored)
+        expected = head_reference(x, form, stored)
+        y = packed_linear(x, *stored, rows, 8 if type(form) is Int8Weight else 4, group_size)
         assert y.shape == (tokens, rows) and y.dtype == torch.float32
-        # The weights are the dequantised float32 values exactly; the sums are float32 in another order.
+        # The integer sums are exact; float32 rounding remains in the group scales' sum and the token scale.
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
 
 
@@ -158,13 +166,15 @@ def test_packed_head_uses_the_kernel_only_where_it_applies_and_falls_back_to_the
         store_packed(untied, "weight", copy.deepcopy(form))
         for layer, bias in ((TiedLMHead(tied), None), (untied, untied.bias)):
             weight = (tied if bias is None else untied).weight  # dequantised
-            expected = nn.functional.linear(x, weight, bias)
+            expected = nn.functional.linear(quantise_activations(x, 8), weight, bias)
             torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-5)
             with ternary_kernel_disabled():
-                assert torch.equal(layer(x), expected)  # the fallback is the dequantised matmul
+                assert torch.equal(layer(x), expected)  # the fallback: the same maths in float
     codes, scales = Int8Weight(torch.float32).right_inverse(head.weight)
     assert packed_linear(x.requires_grad_(), codes, scales, 50, bits=8) is None
-    assert Float16Weight(torch.float32).linear(x, head.weight.half()) is None  # no kernel for float16
+    # float16 weights have no kernel and keep float activations
+    weight16 = head.weight.half()
+    assert torch.equal(Float16Weight(torch.float32).linear(x, weight16), nn.functional.linear(x, weight16.float()))
 
 
 @pytest.mark.parametrize("form", ["fp16", "int8", "int4", "int4 groups across rows"])
@@ -229,5 +239,5 @@ def test_portable_build_equals_the_references(kernel, tmp_path):
     expected = reference(x, packed, scale, 13, bias, 8)
     torch.testing.assert_close(ternary.double(), expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max()))
     for form, values, y in zip(forms, stored, heads, strict=True):
-        expected = head_x.double() @ form(*values).double().T
+        expected = head_reference(head_x, form, values)
         torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5 * float(expected.abs().max()))
