@@ -15,6 +15,9 @@ Both streams are any convolutional `AutoModel` (e.g. transformers' ResNet) retur
 the same spatial size; the contrast stream's config must take one input channel.
 """
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
@@ -116,7 +119,19 @@ class TwoStreamVisionModel(PreTrainedModel):
         super().__init__(config)
         self.rgb = AutoModel.from_config(config.rgb_config)
         self.contrast = AutoModel.from_config(config.contrast_config)
+        self.rgb_dropped = False
         self.post_init()  # each stream, a PreTrainedModel, keeps its own family's initialisation
+
+    @contextmanager
+    def without_rgb(self) -> Iterator[None]:
+        """Within the block the RGB stream's map is zeros: the tower passes on shape, count and position (the
+        contrast stream) but no colour. Training uses it to ask for predictions that do not depend on colour
+        (`microvlm.train.colour_free`)."""
+        self.rgb_dropped = True
+        try:
+            yield
+        finally:
+            self.rgb_dropped = False
 
     @property
     def streams(self) -> tuple[PreTrainedModel, PreTrainedModel]:
@@ -125,7 +140,7 @@ class TwoStreamVisionModel(PreTrainedModel):
 
     def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutputWithPoolingAndNoAttention:
         """pixel_values (B, 3, H, W) → `last_hidden_state` (B, C_rgb + C_contrast, h, w), `pooler_output` its
-        spatial mean (B, C_rgb + C_contrast)."""
+        spatial mean (B, C_rgb + C_contrast). Inside `without_rgb()` the first C_rgb channels are zeros."""
         rgb = self.rgb(pixel_values=coarse_view(pixel_values, self.config.rgb_pool_factor)).last_hidden_state
         contrast = self.contrast(pixel_values=contrast_map(pixel_values)).last_hidden_state
         if rgb.shape[2:] != contrast.shape[2:]:
@@ -134,6 +149,8 @@ class TwoStreamVisionModel(PreTrainedModel):
                 f"{tuple(contrast.shape[2:])}; make the streams downsample their inputs (the RGB stream's shrunk by "
                 "rgb_pool_factor) to the same size."
             )
+        if self.rgb_dropped:
+            rgb = torch.zeros_like(rgb)
         features = torch.cat([rgb, contrast], dim=1)
         pooled = features.mean((2, 3))
         return BaseModelOutputWithPoolingAndNoAttention(last_hidden_state=features, pooler_output=pooled)

@@ -49,9 +49,11 @@ def logged(trainer_dir: Path) -> list[dict]:
 def test_two_stage_demo_recipe_runs_logs_every_term_and_reloads_with_remote_code(tmp_path):
     stage1, stage2 = main(
         ["--stage", "both", "--recipe", "demo", "--max_steps", "4", "--output_dir", str(tmp_path), *SMALL]
+        + ["--colour_free_start_step", "0"]  # the demo adds the colour-free term later than step 4
     )
     first = [entry for entry in logged(Path(stage1)) if "lm_loss" in entry]
     assert first and all("alignment_loss" in e and "grad_norm/adapter" in e for e in first)
+    assert all(e["colour_free_loss"] > 0 and e["colour_free_kl"] >= 0 for e in first)
     assert all(e["grad_norm/vision"] > 0 for e in first)  # the demo trains its random tiny tower in stage 1
     second = [entry for entry in logged(Path(stage2)) if "lm_loss" in entry]
     for term in (

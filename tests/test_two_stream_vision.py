@@ -125,3 +125,19 @@ def test_trainable_vision_layers_train_the_last_stages_of_each_stream():
         trained = [any(p.requires_grad for p in stage.parameters()) for stage in stages]
         assert trained == [False] * (len(stages) - 1) + [True]
         assert not any(p.requires_grad for p in stream.embedder.parameters())
+
+
+def test_without_rgb_the_tower_gives_zeros_for_the_rgb_channels_and_the_contrast_map_unchanged_until_the_block_ends():
+    torch.manual_seed(0)
+    tower = TwoStreamVisionModel(small_config()).eval()
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        full = tower(pixel_values=pixels).last_hidden_state
+        with tower.without_rgb():
+            dropped = tower(pixel_values=pixels).last_hidden_state
+        with pytest.raises(RuntimeError), tower.without_rgb():
+            raise RuntimeError("an error inside the block")
+        after = tower(pixel_values=pixels).last_hidden_state
+    assert full[:, :16].abs().sum() > 0 and dropped[:, :16].abs().sum() == 0  # the RGB stream's 16 channels
+    torch.testing.assert_close(dropped[:, 16:], full[:, 16:])
+    torch.testing.assert_close(after, full)

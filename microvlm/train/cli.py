@@ -21,8 +21,10 @@ from transformers import HfArgumentParser, TrainingArguments, set_seed
 
 from ..configuration_microvlm import MicroVLMConfig
 from ..data.collator import MicroVLMCollator
+from ..data.synthetic_shapes import COLOURS, build_synthetic_dataset
 from ..modeling_microvlm import MicroVLMForCausalLM
 from ..processing_microvlm import MicroVLMProcessor
+from ..two_stream_vision import TwoStreamVisionModel
 from .callbacks import (
     GradientFlowCallback,
     MemoryCheckpointCallback,
@@ -30,6 +32,7 @@ from .callbacks import (
     VisualisationCallback,
     group_of,
 )
+from .colour_free import ColourFreeConsistency
 from .quantization import add_qlora, nf4_quantization_config
 from .trainer import MicroVLMTrainer
 
@@ -114,6 +117,16 @@ class RunArguments:
     gradient_flow_steps: int = field(default=50, metadata={"help": "log gradient flow every N steps"})
     visualisation_steps: int = field(
         default=200, metadata={"help": "draw attention/addressing/similarity every N steps"}
+    )
+    colour_free_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "weight of the colour-free consistency term (colour_free.py; needs a two-stream tower and the "
+            "built-in set); 0: off"
+        },
+    )
+    colour_free_start_step: int = field(
+        default=0, metadata={"help": "the optimiser step from which the colour-free consistency term is added"}
     )
 
 
@@ -250,8 +263,6 @@ def build_processor(model_args: ModelArguments) -> MicroVLMProcessor:
 
 def build_datasets(data_args: DataArguments, config: MicroVLMConfig, seed: int):
     if data_args.dataset == "synthetic":
-        from ..data.synthetic_shapes import build_synthetic_dataset
-
         splits = build_synthetic_dataset(
             num_train=data_args.num_train,
             num_validation=data_args.num_validation,
@@ -287,6 +298,46 @@ def build_datasets(data_args: DataArguments, config: MicroVLMConfig, seed: int):
     return split("train"), split(data_args.validation_split) if data_args.validation_split else None
 
 
+def colour_free_settings(
+    run_args: RunArguments,
+    data_args: DataArguments,
+    model: MicroVLMForCausalLM,
+    processor: MicroVLMProcessor,
+    pad_id: int,
+) -> ColourFreeConsistency | None:
+    """The colour-free consistency term's settings from `--colour_free_weight`, or None when it is 0. Raises when
+    the model or the data cannot take it: it drops a two-stream tower's RGB stream and the built-in set's colour
+    words, each of which must be one token (with its leading space)."""
+    if not run_args.colour_free_weight:
+        return None
+    tower = model.model.vision_tower
+    if not isinstance(tower, TwoStreamVisionModel):
+        raise ValueError(
+            f"--colour_free_weight needs a two-stream vision tower (the tiny preset's), got {type(tower).__name__}; "
+            "set --colour_free_weight 0"
+        )
+    if data_args.dataset != "synthetic":
+        raise ValueError(
+            "--colour_free_weight needs the built-in set (--dataset synthetic), whose colour words it removes; got "
+            f"--dataset {data_args.dataset!r}: set --colour_free_weight 0"
+        )
+    colour_ids = []
+    for colour in COLOURS:
+        ids = processor.tokenizer(" " + colour, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(
+                f"--colour_free_weight: the colour word {colour!r} is {len(ids)} tokens in this tokenizer; the term "
+                "removes one token per colour word"
+            )
+        colour_ids.append(ids[0])
+    return ColourFreeConsistency(
+        weight=run_args.colour_free_weight,
+        start_step=run_args.colour_free_start_step,
+        colour_ids=torch.tensor(colour_ids),
+        pad_id=pad_id,
+    )
+
+
 def build_trainer(
     stage: str, argv: list[str], recipe: str | None, init_from: str | None = None, stage_folder: bool = False
 ) -> MicroVLMTrainer:
@@ -312,6 +363,7 @@ def build_trainer(
     collator = MicroVLMCollator(processor, with_episodes=model_args.use_memory, max_length=data_args.max_length)
     probe = eval_dataset if eval_dataset is not None else train_dataset
     probe_batch = collator([probe[i] for i in range(min(8, len(probe)))])
+    colour_free = colour_free_settings(run_args, data_args, model, processor, collator.pad_id)
     callbacks = [
         GradientFlowCallback(run_args.gradient_flow_steps),
         VisualisationCallback(probe_batch, run_args.visualisation_steps),
@@ -326,6 +378,7 @@ def build_trainer(
         data_collator=collator,
         processing_class=processor,
         callbacks=callbacks,
+        colour_free=colour_free,
     )
 
 

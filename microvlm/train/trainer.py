@@ -2,9 +2,11 @@
 
 from collections import defaultdict
 
+import torch
 from transformers import Trainer
 
 from ..bitnet import quantisation_stats
+from .colour_free import ColourFreeConsistency, colour_free_terms
 
 
 # Output fields of MicroVLMCausalLMOutput that are logged (averaged over the steps between two log lines).
@@ -22,19 +24,23 @@ LOGGED_TERMS = (
     "reasoning_num_steps",
     "distillation_loss",
 )
+# Logged like LOGGED_TERMS when the colour-free consistency term is on (`colour_free.py`).
+COLOUR_FREE_TERMS = ("colour_free_loss", "colour_free_kl")
 
 
 class MicroVLMTrainer(Trainer):
     """loss = LM + α·InfoNCE + β·memory KL + γ·addressing KL (+ memory step loss, memory reconstruction, ScopeNet
-    BCE, reasoning answer CE and consistency BCE, distillation KL), weights from the model config.
+    BCE, reasoning answer CE and consistency BCE, distillation KL), weights from the model config; with
+    `colour_free`, + weight · (loss with colour taken away + KL to it) (`colour_free.py`).
 
     Each term (and ScopeNet's mean gate) is accumulated at every step and logged as its mean at each logging
     step, beside the Trainer's own `loss`; evaluation logs the same terms with the `eval_` prefix. Predictions
     are the Trainer's own: the loss alone without `compute_metrics`, the logits (B, T, V) with it.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, colour_free: ColourFreeConsistency | None = None, **kwargs):
         super().__init__(*args, **kwargs)
+        self.colour_free = colour_free
         self._term_sums: dict[str, dict[str, float]] = {"train": defaultdict(float), "eval": defaultdict(float)}
         self._term_counts: dict[str, dict[str, int]] = {"train": defaultdict(int), "eval": defaultdict(int)}
 
@@ -42,11 +48,31 @@ class MicroVLMTrainer(Trainer):
         outputs = model(**inputs)
         split = "train" if model.training else "eval"
         for name in LOGGED_TERMS:
-            value = getattr(outputs, name, None)
-            if value is not None:
-                self._term_sums[split][name] += float(value.detach().float().mean())
-                self._term_counts[split][name] += 1
-        return (outputs.loss, outputs) if return_outputs else outputs.loss
+            self._add_term(split, name, getattr(outputs, name, None))
+        loss = outputs.loss
+        if self._colour_free_now(model, inputs):
+            terms = colour_free_terms(model, inputs, outputs.logits, self.colour_free)
+            if terms is not None:
+                for name, value in zip(COLOUR_FREE_TERMS, terms):
+                    self._add_term(split, name, value)
+                loss = loss + self.colour_free.weight * sum(terms)
+        return (loss, outputs) if return_outputs else loss
+
+    def _colour_free_now(self, model, inputs) -> bool:
+        """Whether this step adds the colour-free consistency term: set, training, past its start, a labelled
+        batch with images."""
+        return (
+            self.colour_free is not None
+            and model.training
+            and self.state.global_step >= self.colour_free.start_step
+            and inputs.get("labels") is not None
+            and inputs.get("pixel_values") is not None
+        )
+
+    def _add_term(self, split: str, name: str, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self._term_sums[split][name] += float(value.detach().float().mean())
+            self._term_counts[split][name] += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         split = "eval" if any(key.startswith("eval_") for key in logs) else "train"
