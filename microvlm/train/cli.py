@@ -32,7 +32,7 @@ from .callbacks import (
     VisualisationCallback,
     group_of,
 )
-from .colour_free import ColourFreeConsistency
+from .colour_free import ColourFreeConsistency, vision_tower
 from .quantization import add_qlora, nf4_quantization_config
 from .trainer import MicroVLMTrainer
 
@@ -310,7 +310,7 @@ def colour_free_settings(
     words, each of which must be one token (with its leading space)."""
     if not run_args.colour_free_weight:
         return None
-    tower = model.model.vision_tower
+    tower = vision_tower(model)
     if not isinstance(tower, TwoStreamVisionModel):
         raise ValueError(
             f"--colour_free_weight needs a two-stream vision tower (the tiny preset's), got {type(tower).__name__}; "

@@ -125,6 +125,12 @@ def consistency_kl(
     return (log_p_b.exp() * (log_p_b - log_p_a)).sum(-1).mean()
 
 
+def vision_tower(model: MicroVLMForCausalLM) -> torch.nn.Module:
+    """The vision tower of a `MicroVLMForCausalLM`, also when PEFT wraps it (`--lora_rank`)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.model.vision_tower
+
+
 def colour_free_terms(
     model: MicroVLMForCausalLM, inputs: dict, logits_a: torch.Tensor, settings: ColourFreeConsistency
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -134,8 +140,7 @@ def colour_free_terms(
     branch = remove_colour_words(ids, mask, labels, settings.colour_ids, settings.pad_id)
     if len(branch.rows) == 0:
         return None
-    tower = model.model.vision_tower
-    with tower.without_rgb():
+    with vision_tower(model).without_rgb():
         outputs_b = model(
             input_ids=branch.input_ids,
             attention_mask=branch.attention_mask,
