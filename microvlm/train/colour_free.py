@@ -71,9 +71,8 @@ def remove_colour_words(
         raise ValueError(
             "remove_colour_words needs left-padded batches (MicroVLMCollator pads on the left): a row ends in padding"
         )
-    named = (labels != IGNORE_INDEX) & torch.isin(input_ids, colour_ids.to(input_ids.device))
-    answered = labels.roll(-1, dims=1)  # the label of the next column
-    answered[:, -1] = IGNORE_INDEX
+    labelled = labels != IGNORE_INDEX
+    named = labelled & torch.isin(input_ids, colour_ids.to(input_ids.device))
     rows, ids, mask, targets, first_shared = [], [], [], [], []
     for row in range(input_ids.shape[0]):
         columns = named[row].nonzero().flatten()
@@ -85,8 +84,7 @@ def remove_colour_words(
             first_shared.append(0)
             continue
         column = int(columns[0])
-        next_label = int(answered[row, column])
-        if next_label == IGNORE_INDEX or column + 2 >= input_ids.shape[1] or labels[row, column + 2] == IGNORE_INDEX:
+        if int(labelled[row, column + 1 :].sum()) < 2:
             continue  # the colour word is the answer, followed by at most the end-of-text token
         keep = torch.arange(input_ids.shape[1], device=input_ids.device) != column
         rows.append(row)
