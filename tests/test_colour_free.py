@@ -89,8 +89,8 @@ def test_consistency_kl_is_the_mean_kl_from_b_to_a_over_the_shared_labelled_toke
     assert logits_a.grad.abs().sum() > 0 and logits_b.grad is None  # B is the target: no gradient through it
 
 
-def test_the_term_adds_the_loss_without_colour_and_the_kl_to_it(processor, tmp_path):
-    """loss(B) is the model's loss on the colour-free texts with the tower's RGB stream giving zeros, which a
+def test_the_term_adds_the_lm_loss_without_colour_and_the_kl_to_it(processor, tmp_path):
+    """LM(B) is the model's LM loss (not its InfoNCE) on the colour-free texts with the tower's RGB stream giving zeros, which a
     forward hook on the RGB stream reproduces independently of `without_rgb`."""
     torch.manual_seed(0)
     model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny")).train()
@@ -113,7 +113,7 @@ def test_the_term_adds_the_loss_without_colour_and_the_kl_to_it(processor, tmp_p
         )
     )
     with torch.no_grad():
-        loss_b = model(**reference).loss
+        loss_b = model(**reference).lm_loss
     hook.remove()
     sums = trainer._term_sums["train"]
     torch.testing.assert_close(torch.tensor(sums["colour_free_loss"]), loss_b.detach(), rtol=1e-4, atol=1e-5)

@@ -10,11 +10,12 @@ batch, that what the model predicts after the colour word be what it predicts wi
     branch B: the tower's RGB stream off, and the       image (contrast only)    "two circles on the left"
               colour word taken out of the text
 
-    term = loss(B) + KL( stop-gradient p_B ‖ p_A ), over the tokens after the colour word
+    term = LM(B) + KL( stop-gradient p_B ‖ p_A ), over the tokens after the colour word
 
-loss(B), the model's own loss (LM + α·InfoNCE) on branch B, teaches the model to describe an image without
-colour (the text of B is true of what B sees); the KL pulls A's predictions of the shape, count and position
-words towards B's, which cannot depend on colour. No image is recoloured and no held-out pair is made: B only
+LM(B), the next-token loss on branch B, teaches the model to describe an image without colour (the text of B is
+true of what B sees); the KL pulls A's predictions of the shape, count and position words towards B's, which
+cannot depend on colour. B's InfoNCE is left out: aligning colourless images with colourless captions in the
+embedding space that A's alignment shares cost colour (README: "Where the colour comes in"). No image is recoloured and no held-out pair is made: B only
 takes colour away. Rows whose colour word is the answer (a question about colour) have nothing to predict without
 colour and are left out of B.
 
@@ -32,7 +33,7 @@ from ..modeling_microvlm import MicroVLMForCausalLM
 
 @dataclass
 class ColourFreeConsistency:
-    """The term's settings for `MicroVLMTrainer`: total loss = the model's loss + weight · (loss(B) + KL) from
+    """The term's settings for `MicroVLMTrainer`: total loss = the model's loss + weight · (LM(B) + KL) from
     optimiser step `start_step` on. colour_ids (C,): the token ids of the colour words; pad_id: the collator's."""
 
     weight: float
@@ -132,7 +133,7 @@ def vision_tower(model: MicroVLMForCausalLM) -> torch.nn.Module:
 def colour_free_terms(
     model: MicroVLMForCausalLM, inputs: dict, logits_a: torch.Tensor, settings: ColourFreeConsistency
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """(the model's loss on branch B, KL(sg p_B ‖ p_A)) for a batch `inputs` whose branch-A logits (B, T, V) are
+    """(the LM loss on branch B, KL(sg p_B ‖ p_A)) for a batch `inputs` whose branch-A logits (B, T, V) are
     `logits_a`; None when no row of the batch has a branch B. `model` has a two-stream tower."""
     ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
     branch = remove_colour_words(ids, mask, labels, settings.colour_ids, settings.pad_id)
@@ -146,4 +147,4 @@ def colour_free_terms(
             labels=branch.labels,
         )
     kl = consistency_kl(logits_a[branch.rows], outputs_b.logits, branch.labels, branch.first_shared)
-    return outputs_b.loss, kl
+    return outputs_b.lm_loss, kl

@@ -31,7 +31,7 @@ COLOUR_FREE_TERMS = ("colour_free_loss", "colour_free_kl")
 class MicroVLMTrainer(Trainer):
     """loss = LM + α·InfoNCE + β·memory KL + γ·addressing KL (+ memory step loss, memory reconstruction, ScopeNet
     BCE, reasoning answer CE and consistency BCE, distillation KL), weights from the model config; with
-    `colour_free`, + weight · (loss with colour taken away + KL to it) (`colour_free.py`).
+    `colour_free`, + weight · (LM loss with colour taken away + KL to it) (`colour_free.py`).
 
     Each term (and ScopeNet's mean gate) is accumulated at every step and logged as its mean at each logging
     step, beside the Trainer's own `loss`; evaluation logs the same terms with the `eval_` prefix. Predictions
