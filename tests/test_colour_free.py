@@ -9,7 +9,7 @@ from microvlm import MicroVLMConfig, MicroVLMForCausalLM
 from microvlm.data.collator import IGNORE_INDEX, MicroVLMCollator
 from microvlm.data.synthetic_shapes import COLOURS, build_synthetic_dataset
 from microvlm.train.cli import DataArguments, RunArguments, colour_free_settings
-from microvlm.train.colour_free import ColourFreeConsistency, consistency_kl, remove_colour_words
+from microvlm.train.colour_free import ColourFreeConsistency, colour_free_terms, consistency_kl, remove_colour_words
 from microvlm.train.trainer import MicroVLMTrainer
 
 
@@ -90,8 +90,8 @@ def test_consistency_kl_is_the_mean_kl_from_b_to_a_over_the_shared_labelled_toke
 
 
 def test_the_term_adds_the_lm_loss_without_colour_and_the_kl_to_it(processor, tmp_path):
-    """LM(B) is the model's LM loss (not its InfoNCE) on the colour-free texts with the tower's RGB stream giving zeros, which a
-    forward hook on the RGB stream reproduces independently of `without_rgb`."""
+    """LM(B) is the model's LM loss (not its InfoNCE) on the colour-free texts with the tower's RGB stream giving
+    zeros, which a forward hook on the RGB stream reproduces independently of `without_rgb`."""
     torch.manual_seed(0)
     model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny")).train()
     collator = MicroVLMCollator(processor)
@@ -121,6 +121,25 @@ def test_the_term_adds_the_lm_loss_without_colour_and_the_kl_to_it(processor, tm
         total, loss_a + 0.5 * (loss_b + torch.tensor(sums["colour_free_kl"])), rtol=1e-4, atol=1e-5
     )
     assert sums["colour_free_kl"] > 0
+
+
+def test_rows_without_an_image_stay_out_of_branch_b(processor):
+    """A row without an image (a recall question, as stage 2 mixes in) sends no pixels: branch B keeps the image
+    rows only, each with its own image, so the terms are those of the same batch without that row."""
+    torch.manual_seed(0)
+    model = MicroVLMForCausalLM(MicroVLMConfig.from_preset("tiny")).eval()
+    collator = MicroVLMCollator(processor)
+    settings = ColourFreeConsistency(
+        weight=1.0, start_step=0, colour_ids=colour_ids(processor), pad_id=collator.pad_id
+    )
+    recall = {"kind": "recall", "text": "what shape was in image 2?", "answer": "circle"}
+
+    def terms(samples: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = collator(samples)
+        return colour_free_terms(model, batch, model(**batch).logits, settings)
+
+    with torch.no_grad():
+        torch.testing.assert_close(terms([recall, *rows(BATCH)]), terms(rows(BATCH)))
 
 
 @pytest.mark.parametrize(

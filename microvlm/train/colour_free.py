@@ -15,9 +15,9 @@ batch, that what the model predicts after the colour word be what it predicts wi
 LM(B), the next-token loss on branch B, teaches the model to describe an image without colour (the text of B is
 true of what B sees); the KL pulls A's predictions of the shape, count and position words towards B's, which
 cannot depend on colour. B's InfoNCE is left out: aligning colourless images with colourless captions in the
-embedding space that A's alignment shares cost colour (README: "Where the colour comes in"). No image is recoloured and no held-out pair is made: B only
-takes colour away. Rows whose colour word is the answer (a question about colour) have nothing to predict without
-colour and are left out of B.
+embedding space that A's alignment shares cost colour (README: "Where the colour comes in"). No image is
+recoloured and no held-out pair is made: B only takes colour away. Rows whose colour word is the answer (a question
+about colour) have nothing to predict without colour and are left out of B.
 
 Batches are left-padded (`MicroVLMCollator`): dropping a row's colour token and padding it on the left by one
 keeps every later token at the same index, so A's and B's logits line up column by column.
@@ -134,8 +134,13 @@ def colour_free_terms(
     model: MicroVLMForCausalLM, inputs: dict, logits_a: torch.Tensor, settings: ColourFreeConsistency
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """(the LM loss on branch B, KL(sg p_B ‖ p_A)) for a batch `inputs` whose branch-A logits (B, T, V) are
-    `logits_a`; None when no row of the batch has a branch B. `model` has a two-stream tower."""
-    ids, mask, labels = inputs["input_ids"], inputs["attention_mask"], inputs["labels"]
+    `logits_a`; None when no row of the batch has a branch B. `model` has a two-stream tower.
+
+    Only rows with an image enter B (a recall question, which has none, has no colour to take away); the images
+    (N, 3, H, W) are those rows' in order, as the collator sends them.
+    """
+    with_image = (inputs["input_ids"] == model.config.image_token_id).any(1).nonzero().flatten()  # (N,)
+    ids, mask, labels = (inputs[name][with_image] for name in ("input_ids", "attention_mask", "labels"))
     branch = remove_colour_words(ids, mask, labels, settings.colour_ids, settings.pad_id)
     if len(branch.rows) == 0:
         return None
@@ -146,5 +151,6 @@ def colour_free_terms(
             pixel_values=inputs["pixel_values"][branch.rows],
             labels=branch.labels,
         )
-    kl = consistency_kl(logits_a[branch.rows], outputs_b.logits, branch.labels, branch.first_shared)
+    rows = with_image[branch.rows]
+    kl = consistency_kl(logits_a[rows], outputs_b.logits, branch.labels, branch.first_shared)
     return outputs_b.lm_loss, kl
